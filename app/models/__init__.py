@@ -1,0 +1,1 @@
+"""Where model weights come from: local directories, the Hugging Face cache, GGUF files, the catalog."""
