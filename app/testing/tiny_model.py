@@ -35,7 +35,8 @@ _CORPUS = [
     "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris.",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "Speculative decoding drafts tokens with a small model and verifies them with a large one.",
-    "import os\nimport sys\n\nclass Example:\n    def __init__(self, value: int) -> None:\n        self.value = value\n",
+    "import os\nimport sys\n\nclass Example:\n    def __init__(self, value: int) -> None:\n"
+    "        self.value = value\n",
     "Hello! How can I help you today? Tell me a story about a robot who learns to paint.",
     "for i in range(10):\n    print(i * i)\n# comments explain why, not what\n",
     "Numbers 0 1 2 3 4 5 6 7 8 9 and symbols {} [] () <> = + - * / % & | ^ ~ ! ? . , ; : ' \"",
@@ -121,12 +122,12 @@ def write_model(
         "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
     }
     mx.random.seed(seed)
-    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))  # type: ignore[no-untyped-call]
     weights = dict(tree_flatten(model.parameters()))
     weights["lm_head.weight"] = _successor_head(weights["model.embed_tokens.weight"], seed)
     if noise > 0:
         keys = mx.random.split(mx.random.key(noise_seed), len(weights))
-        for key, name in zip(keys, sorted(weights)):
+        for key, name in zip(keys, sorted(weights), strict=True):
             weights[name] = weights[name] + noise * mx.random.normal(weights[name].shape, key=key)
     mx.eval(weights)
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})

@@ -1,0 +1,1 @@
+"""Supervised backend processes: one per distinct BackendSpec."""

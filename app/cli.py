@@ -1,0 +1,138 @@
+"""The `specgate` command. Each command group lives in its own module with `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.profiles import ProfileError, ProfileSet, load_profiles
+from app.settings import Settings
+
+# Modules that add command groups: each exposes `register(subparsers) -> None`.
+COMMAND_MODULES: list[str] = []
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "host", None) is not None:
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    if getattr(args, "profiles_dir", None) is not None:
+        overrides["profiles_dir"] = args.profiles_dir
+    return Settings(**overrides)
+
+
+def _load_or_exit(directory: Path) -> ProfileSet:
+    try:
+        return load_profiles(directory)
+    except ProfileError as error:
+        print(f"specgate: invalid profiles: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.server import PortUnavailable, bind_with_fallback, serve
+
+    settings = _settings_from(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    profiles = _load_or_exit(settings.profiles_dir)
+    # Only an unspecified port falls back, as users' launcher scripts did; an explicit one is a promise.
+    port_given = args.port is not None or "SPECGATE_PORT" in __import__("os").environ
+    try:
+        sock = bind_with_fallback(settings.host, settings.port, None if port_given else settings.fallback_port)
+    except PortUnavailable as error:
+        print(f"specgate: {error}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    print(
+        f"specgate: {len(profiles)} profiles from {settings.profiles_dir}; listening on http://{host}:{port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(settings, profiles, sock)
+    return 0
+
+
+def _profile_rows(profiles: ProfileSet, states: dict[str, str]) -> list[list[str]]:
+    rows = [["PROFILE", "MODEL", "DRAFT", "K", "STATE"]]
+    for profile in profiles:
+        rows.append(
+            [
+                profile.name,
+                profile.model,
+                profile.draft_model or "-",
+                str(profile.num_draft_tokens) if profile.is_speculative else "-",
+                states.get(profile.name, "-"),
+            ]
+        )
+    return rows
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    profiles = _load_or_exit(settings.profiles_dir)
+    states: dict[str, str] = {}
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    try:
+        listing = httpx.get(f"{url}/v1/models", timeout=3.0, trust_env=False).json()
+        states = {item["id"]: item.get("state", "?") for item in listing.get("data", [])}
+    except (httpx.HTTPError, ValueError):
+        states = {profile.name: "(gateway not running)" for profile in profiles}
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    dict(zip(["profile", "model", "draft", "k", "state"], row, strict=True))
+                    for row in _profile_rows(profiles, states)[1:]
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    rows = _profile_rows(profiles, states)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specgate", description="OpenAI-compatible gateway for speculative decoding on MLX"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000, falling back to 8080 when taken)")
+    serve.add_argument("--profiles-dir", type=Path, help="directory of profile TOML files (default ./profiles)")
+    serve.set_defaults(func=cmd_serve)
+
+    profiles = sub.add_parser("profiles", help="list profiles and, from a running gateway, their state")
+    profiles.add_argument("--profiles-dir", type=Path)
+    profiles.add_argument("--url", help="gateway to ask for states (default http://HOST:PORT from settings)")
+    profiles.add_argument("--json", action="store_true")
+    profiles.add_argument("--host", help=argparse.SUPPRESS)
+    profiles.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    profiles.set_defaults(func=cmd_profiles)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    raise SystemExit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

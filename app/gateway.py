@@ -1,0 +1,118 @@
+"""The running gateway: profiles, the backend pool and the request handler, with their lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from app.backends.pool import BackendPool
+from app.backends.process import BackendState, BackendTiming
+from app.models.sources import SourceStatus, describe_source
+from app.profiles import ProfileSet
+from app.proxy.handler import CompletionHandler
+from app.proxy.relay import RelayTimeouts
+from app.settings import Settings
+
+logger = logging.getLogger("specgate")
+_CREATED = int(time.time())
+
+
+class Gateway:
+    """Owns every long-lived part; `start()` and `close()` bracket its life."""
+
+    def __init__(self, settings: Settings, profiles: ProfileSet) -> None:
+        self.settings = settings
+        self.profiles = profiles
+        # One client for all backends: they speak HTTP/1.0 and close each connection anyway.
+        self.http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), trust_env=False)
+        timing = BackendTiming(
+            start_timeout=settings.backend_start_timeout,
+            stop_grace=settings.backend_stop_grace,
+            backoff_initial=settings.restart_backoff_initial,
+            backoff_max=settings.restart_backoff_max,
+            log_lines=settings.backend_log_lines,
+        )
+        self.pool = BackendPool(timing, settings.max_backends, self.resolve, self.http)
+        self.handler = CompletionHandler(
+            self.pool,
+            self.http,
+            RelayTimeouts(first_token=settings.first_token_timeout, inactivity=settings.inactivity_timeout),
+            settings.max_body_bytes,
+        )
+        self.apply_profiles(profiles)
+
+    def resolve(self, value: str) -> SourceStatus:
+        return describe_source(value, self.settings.model_store)
+
+    def apply_profiles(self, profiles: ProfileSet) -> list[Any]:
+        """Switch to a new profile set; returns the slots no profile uses any more."""
+        unused = self.pool.configure(profiles)
+        self.profiles = profiles
+        self.handler.profiles = profiles
+        return unused
+
+    async def start(self) -> None:
+        self.pool.start_reaper()
+        for name in self.settings.preload:
+            profile = self.profiles.get(name)
+            if profile is None:
+                logger.warning("preload: no profile named %r", name)
+                continue
+            logger.info("preloading %s", name)
+            try:
+                await self.pool.ensure_ready(self.pool.slot_for(profile))
+            except Exception as error:
+                logger.error("preload of %s failed: %s", name, error)
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.http.aclose()
+
+    def describe_profile(self, name: str) -> dict[str, Any]:
+        profile = self.profiles.profiles[name]
+        slot = self.pool.slot_for(profile)
+        backend = slot.backend
+        sources = [self.resolve(profile.model)]
+        if profile.draft_model is not None:
+            sources.append(self.resolve(profile.draft_model))
+        missing = [s for s in sources if not s.present]
+        state = backend.state.value
+        if missing and backend.state is BackendState.STOPPED:
+            state = "not_present"
+        info: dict[str, Any] = {
+            "id": profile.name,
+            "object": "model",
+            "created": _CREATED,
+            "owned_by": "specgate",
+            "name": profile.display_name or profile.name,
+            "description": profile.description,
+            "state": state,
+            "model": profile.model,
+            "draft_model": profile.draft_model,
+            "num_draft_tokens": profile.num_draft_tokens if profile.is_speculative else None,
+            "aliases": list(profile.aliases),
+            "context_length": profile.context_length,
+            "max_output_tokens": profile.max_output_tokens,
+            "backend": {
+                "name": backend.name,
+                "pid": backend.pid,
+                "port": backend.port,
+                "restarts": backend.crashes.total_restarts,
+                "consecutive_failures": backend.crashes.consecutive,
+                "retry_in": round(backend.retry_in(), 2),
+                "failure": backend.failure,
+                "load_seconds": backend.load_seconds,
+                "running": slot.admission.running,
+                "waiting": slot.admission.waiting,
+                "shared_with": [p for p in slot.profiles if p != profile.name],
+            },
+        }
+        if missing:
+            info["detail"] = "; ".join(s.detail for s in missing)
+        return info
+
+    def backend_summary(self) -> dict[str, str]:
+        return {slot.backend.name: slot.backend.state.value for slot in self.pool.slots.values()}

@@ -1,0 +1,219 @@
+"""Profiles: what a requested model name means (models, draft, sampling, limits), loaded from TOML.
+
+A profile file holds any number of profiles:
+
+    [profiles."speculative/tiny-balanced"]
+    model = "/path/to/main"
+    draft_model = "/path/to/draft"
+    num_draft_tokens = 5
+
+Profiles whose backend settings are equal (`BackendSpec`) share one backend process; they may
+differ in `num_draft_tokens`, sampling, prompts and limits, which the gateway applies per request.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class ProfileError(Exception):
+    """A profile file that cannot be used; the message names the file, the profile and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampling(_Strict):
+    """Defaults filled into a request for every field the client did not send."""
+
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+    def as_request_fields(self) -> dict[str, Any]:
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+
+class BackendOptions(_Strict):
+    """How the backend process is run. Equal options (with equal models) mean a shared process."""
+
+    # Program to run instead of specgate's launcher (it receives the same flags; see docs).
+    command: tuple[str, ...] | None = None
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    # Backends run with HF_HUB_OFFLINE=1 unless this is set: a request must never trigger a download.
+    allow_hub: bool = False
+    # Requests the backend is sent at once. A backend with a draft model runs one at a time anyway.
+    max_concurrency: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_from_table(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        return value
+
+
+class Profile(_Strict):
+    """One servable model name."""
+
+    name: str
+    model: str = Field(min_length=1)
+    draft_model: str | None = None
+    num_draft_tokens: int = Field(default=3, ge=0, le=64)
+    dtype: Dtype = "float32"
+    description: str = ""
+    display_name: str | None = None
+    aliases: tuple[str, ...] = ()
+    system_prompt: str | None = None
+    system_prompt_file: str | None = None
+    context_length: int | None = Field(default=None, ge=16)
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    # Seconds a backend may sit idle before it is unloaded; 0 keeps it loaded.
+    ttl: float = Field(default=600.0, ge=0)
+    # Requests this profile may have running plus waiting; beyond it, 429.
+    max_queue: int = Field(default=64, ge=1)
+    sampling: Sampling = Sampling()
+    backend: BackendOptions = BackendOptions()
+    source_file: str = ""
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> Profile:
+        if self.system_prompt is not None and self.system_prompt_file is not None:
+            raise ValueError("set system_prompt or system_prompt_file, not both")
+        return self
+
+    @property
+    def is_speculative(self) -> bool:
+        return self.draft_model is not None
+
+    @property
+    def backend_spec(self) -> BackendSpec:
+        return BackendSpec(self.model, self.draft_model, self.dtype, self.backend)
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_output_tokens
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything that decides which backend process serves a profile."""
+
+    model: str
+    draft_model: str | None
+    dtype: Dtype
+    options: BackendOptions
+
+    def describe(self) -> str:
+        draft = f" + draft {self.draft_model}" if self.draft_model else ""
+        return f"{self.model}{draft}"
+
+
+class ProfileSet:
+    """All profiles, looked up by name or alias."""
+
+    def __init__(self, profiles: Iterable[Profile]) -> None:
+        self.profiles: dict[str, Profile] = {}
+        self._by_alias: dict[str, Profile] = {}
+        for profile in profiles:
+            self._add(profile)
+
+    def _add(self, profile: Profile) -> None:
+        for name in (profile.name, *profile.aliases):
+            clash = self.profiles.get(name) or self._by_alias.get(name)
+            if clash is not None:
+                raise ProfileError(
+                    f"{profile.source_file}: profile {profile.name!r}: name {name!r} is already used "
+                    f"by profile {clash.name!r} in {clash.source_file}"
+                )
+        self.profiles[profile.name] = profile
+        for alias in profile.aliases:
+            self._by_alias[alias] = profile
+
+    def get(self, name: str) -> Profile | None:
+        return self.profiles.get(name) or self._by_alias.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.profiles)
+
+    def __iter__(self) -> Any:
+        return iter(self.profiles.values())
+
+    def __len__(self) -> int:
+        return len(self.profiles)
+
+
+def _format_validation_error(source: str, name: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(profile)"
+        problems.append(f"field {field!r}: {item['msg']}")
+    return f"{source}: profile {name!r}: " + "; ".join(problems)
+
+
+def _read_prompt_file(source: str, name: str, prompts_dir: Path, relative: str) -> str:
+    path = (prompts_dir / relative).resolve()
+    if not path.is_relative_to(prompts_dir.resolve()):
+        raise ProfileError(
+            f"{source}: profile {name!r}: field 'system_prompt_file': {relative!r} is outside {prompts_dir}"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ProfileError(
+            f"{source}: profile {name!r}: field 'system_prompt_file': cannot read {path}: {error.strerror}"
+        ) from error
+
+
+def parse_profiles(text: str, source: str = "<string>", prompts_dir: Path | None = None) -> list[Profile]:
+    """Parse one TOML document of profiles. `source` names it in error messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ProfileError(f"{source}: invalid TOML: {error}") from error
+    unknown = set(document) - {"profiles"}
+    if unknown:
+        raise ProfileError(
+            f'{source}: unknown top-level table(s) {sorted(unknown)}; profiles go under [profiles."NAME"]'
+        )
+    table = document.get("profiles", {})
+    if not isinstance(table, dict):
+        raise ProfileError(f"{source}: 'profiles' must be a table of profiles")
+    profiles = []
+    for name, fields in table.items():
+        if not isinstance(fields, dict):
+            raise ProfileError(f"{source}: profile {name!r}: must be a table of fields")
+        if not name.strip() or any(ch.isspace() for ch in name):
+            raise ProfileError(f"{source}: profile {name!r}: a profile name must be non-empty without spaces")
+        try:
+            profile = Profile(name=name, source_file=source, **fields)
+        except ValidationError as error:
+            raise ProfileError(_format_validation_error(source, name, error)) from error
+        if profile.system_prompt_file is not None:
+            base = prompts_dir if prompts_dir is not None else Path.cwd()
+            prompt = _read_prompt_file(source, name, base, profile.system_prompt_file)
+            profile = profile.model_copy(update={"system_prompt": prompt})
+        profiles.append(profile)
+    return profiles
+
+
+def load_profiles(directory: Path) -> ProfileSet:
+    """Load every `*.toml` in `directory` (sorted by name); prompt files live in `directory/prompts`."""
+    if not directory.is_dir():
+        raise ProfileError(f"{directory}: profiles directory does not exist (set --profiles-dir)")
+    profiles: list[Profile] = []
+    for path in sorted(directory.glob("*.toml")):
+        profiles.extend(parse_profiles(path.read_text(encoding="utf-8"), str(path), directory / "prompts"))
+    return ProfileSet(profiles)

@@ -1,0 +1,1 @@
+"""From a client's OpenAI request to a backend request and back."""

@@ -1,0 +1,254 @@
+"""The request path: profile -> admission (FIFO) -> backend ready -> upstream -> relay -> record.
+
+A client that leaves at any point stops the work: while queued it leaves the queue, while the
+backend starts it stops waiting, while generating the upstream socket closes (mlx_lm.server then
+stops within a few tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from app.backends.pool import BackendPool, BackendSlot
+from app.errors import BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
+from app.profiles import Profile, ProfileSet
+from app.proxy.record import RequestRecord
+from app.proxy.relay import (
+    RelayTimeouts,
+    StreamRewriter,
+    assemble,
+    open_upstream,
+    read_unstreamed,
+    relay_stream,
+)
+from app.proxy.rewrite import BackendRequest, Kind, build_backend_request
+from app.scheduler import Ticket
+
+logger = logging.getLogger("specgate.requests")
+T = TypeVar("T")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+Observer = Callable[[RequestRecord], None]
+StartObserver = Callable[[RequestRecord, BackendSlot], None]
+
+
+def request_id_for(request: Request) -> str:
+    """The client's X-Request-Id when it is sane, so logs line up across systems; else a new one."""
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return f"sg-{uuid.uuid4().hex[:20]}"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientGone("the client disconnected")
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """Read the body with a size limit (413), then parse it (400) — chunked uploads included."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as error:
+        raise InvalidRequest("the request body is not valid UTF-8") from error
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(
+            f"invalid JSON in the request body: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from error
+    except RecursionError as error:
+        raise InvalidRequest("the request body is nested too deeply") from error
+
+
+class CompletionHandler:
+    """Serves `/v1/chat/completions` and `/v1/completions` for every profile."""
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        http: httpx.AsyncClient,
+        timeouts: RelayTimeouts,
+        max_body_bytes: int,
+    ) -> None:
+        self.pool = pool
+        self.http = http
+        self.timeouts = timeouts
+        self.max_body_bytes = max_body_bytes
+        self.profiles = ProfileSet([])
+        self.observers: list[Observer] = []
+        self.start_observers: list[StartObserver] = []
+
+    def profile_for(self, body: Any) -> Profile:
+        name = body.get("model") if isinstance(body, dict) else None
+        if name is None:
+            raise InvalidRequest("'model' is required: the name of a profile", param="model")
+        if not isinstance(name, str):
+            raise InvalidRequest("'model' must be a string", param="model")
+        profile = self.profiles.get(name)
+        if profile is None:
+            available = ", ".join(sorted(self.profiles.names())) or "(none configured)"
+            raise ModelNotFound(f"model {name!r} does not exist; available: {available}", param="model")
+        return profile
+
+    async def handle(self, request: Request, kind: Kind) -> Response:
+        request_id = request_id_for(request)
+        body = await read_json_body(request, self.max_body_bytes)
+        profile = self.profile_for(body)
+        backend_request = build_backend_request(kind, body, profile)
+        client_model = body["model"]
+        slot = self.pool.slot_for(profile)
+        record = RequestRecord(
+            request_id=request_id,
+            profile=profile.name,
+            model=profile.model,
+            draft_model=profile.draft_model,
+            kind=kind,
+            streaming=backend_request.client_streams,
+            num_draft_tokens=backend_request.num_draft_tokens,
+        )
+        ticket = slot.admission.admit(profile.name, profile.max_queue)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                slot.admission.release(ticket)
+                slot.backend.touch()
+
+        try:
+            upstream = await race_disconnect(request, self._start(slot, ticket, backend_request, record))
+        except BaseException as error:
+            release()
+            self._finish(record, error)
+            raise
+        rewriter = StreamRewriter(backend_request, record, client_model)
+        headers = {"x-request-id": request_id}
+        if backend_request.client_streams:
+            return StreamingResponse(
+                self._stream(upstream, rewriter, slot, release),
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        try:
+            read = assemble if backend_request.upstream_streams else read_unstreamed
+            answer = await race_disconnect(request, read(upstream, rewriter, self.timeouts, client_model))
+        except BaseException as error:
+            self._finish(record, error)
+            raise
+        else:
+            slot.backend.mark_served()
+            self._finish(record, None)
+        finally:
+            await upstream.aclose()
+            release()
+        return JSONResponse(answer, headers=headers)
+
+    async def _start(
+        self, slot: BackendSlot, ticket: Ticket, request: BackendRequest, record: RequestRecord
+    ) -> httpx.Response:
+        for observe in self.start_observers:
+            observe(record, slot)
+        await slot.admission.wait_turn(ticket)
+        record.queue_seconds = ticket.queue_seconds
+        await self.pool.ensure_ready(slot)
+        record.upstream_started = time.monotonic()
+        return await open_upstream(self.http, slot.backend, request, record.request_id, self.timeouts)
+
+    async def _stream(
+        self,
+        upstream: httpx.Response,
+        rewriter: StreamRewriter,
+        slot: BackendSlot,
+        release: Callable[[], None],
+    ) -> AsyncIterator[bytes]:
+        record = rewriter.record
+        error: BaseException | None = None
+        try:
+            async for piece in relay_stream(upstream, rewriter, self.timeouts):
+                yield piece
+        except BaseException as caught:  # the client went away: starlette cancels us
+            error = caught
+            raise
+        finally:
+            # Closing the upstream socket is what stops mlx_lm.server from generating.
+            await upstream.aclose()
+            release()
+            if error is not None:
+                self._finish(record, error)
+            else:
+                if record.outcome == "success":
+                    slot.backend.mark_served()
+                self._finish(record, None)
+
+    def _finish(self, record: RequestRecord, error: BaseException | None) -> None:
+        record.finished = time.monotonic()
+        if error is not None:
+            if isinstance(error, ClientGone | asyncio.CancelledError | GeneratorExit):
+                record.outcome = "client_gone"
+            elif isinstance(error, GatewayError):
+                record.outcome = _outcome_for(error)
+                record.error = error.message
+            else:
+                record.outcome = "internal_error"
+                record.error = repr(error)
+        elif record.outcome == "unknown":
+            record.outcome = "success"
+        logger.info("%s", record.log_line())
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception:
+                logger.exception("request observer failed")
+
+
+def _outcome_for(error: GatewayError) -> str:
+    if error.status_code == 429:
+        return "rejected"
+    if error.status_code < 500:
+        return "client_error"
+    return "backend_error"

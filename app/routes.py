@@ -1,0 +1,51 @@
+"""HTTP routes. Handlers are thin: the work lives in the proxy and the pool."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.errors import ModelNotFound
+from app.gateway import Gateway
+
+router = APIRouter()
+_STARTED = int(time.time())
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _gateway(request).handler.handle(request, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _gateway(request).handler.handle(request, "completion")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    gateway = _gateway(request)
+    return {"object": "list", "data": [gateway.describe_profile(name) for name in gateway.profiles.names()]}
+
+
+@router.get("/v1/models/{name:path}")
+async def get_model(name: str, request: Request) -> dict[str, Any]:
+    gateway = _gateway(request)
+    profile = gateway.profiles.get(name)
+    if profile is None:
+        raise ModelNotFound(f"model {name!r} does not exist", param="model")
+    return gateway.describe_profile(profile.name)
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    gateway = _gateway(request)
+    return JSONResponse({"status": "ok", "profiles": len(gateway.profiles), "backends": gateway.backend_summary()})

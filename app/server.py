@@ -1,0 +1,115 @@
+"""The ASGI app factory and the process that serves it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import GatewayError, error_body
+from app.gateway import Gateway
+from app.profiles import ProfileSet
+from app.routes import router
+from app.settings import Settings
+
+logger = logging.getLogger("specgate")
+
+
+def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
+    """Build the app; nothing starts until the ASGI lifespan does."""
+    gateway = Gateway(settings, profiles)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(title="specgate", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway
+    app.include_router(router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def gateway_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, GatewayError)
+        return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers())
+
+    async def http_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return JSONResponse(error_body(message, kind), status_code=error.status_code)
+
+    async def validation_error(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=400)
+
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(error).__name__}", "internal_error"), status_code=500)
+
+    app.add_exception_handler(GatewayError, gateway_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+class PortUnavailable(Exception):
+    pass
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def bind_with_fallback(host: str, port: int, fallback: int | None) -> socket.socket:
+    """Bind `port`; if it is taken and a fallback is allowed, bind that and say so."""
+    try:
+        return bind_socket(host, port)
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise PortUnavailable(f"cannot listen on {host}:{port}: {error.strerror}") from error
+        if fallback is None:
+            raise PortUnavailable(f"port {port} on {host} is already in use; choose another with --port") from error
+    try:
+        sock = bind_socket(host, fallback)
+    except OSError as error:
+        raise PortUnavailable(
+            f"ports {port} and {fallback} on {host} are both in use; choose a free one with --port"
+        ) from error
+    logger.warning("port %d is in use; serving on port %d instead", port, fallback)
+    return sock
+
+
+def serve(settings: Settings, profiles: ProfileSet, sock: socket.socket) -> None:
+    app = create_app(settings, profiles)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.backend_stop_grace) + 25,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,43 @@
+"""Gateway settings: one pydantic-settings model, built in the entry point and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from platformdirs import user_cache_dir
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_model_store() -> Path:
+    return Path(user_cache_dir("specgate")) / "models"
+
+
+class Settings(BaseSettings):
+    """Everything about the gateway that is not a profile. Environment: `SPECGATE_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECGATE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Used when no port was given and `port` is taken: the behaviour users had from launcher scripts.
+    fallback_port: int = 8080
+    profiles_dir: Path = Path("profiles")
+    model_store: Path = Field(default_factory=default_model_store)
+
+    max_backends: int = Field(default=2, ge=1, description="backend processes running at once (LRU)")
+    preload: list[str] = Field(default_factory=list, description="profiles whose backends start at once")
+    prepare_models: bool = Field(default=True, description="pull catalog models before taking traffic")
+
+    backend_start_timeout: float = Field(default=300.0, gt=0, description="seconds to load a model")
+    backend_stop_grace: float = Field(default=5.0, ge=0, description="SIGTERM -> SIGKILL grace")
+    backend_log_lines: int = Field(default=2000, ge=10)
+    # Seconds without a byte from a generating backend before the request fails (a hung backend).
+    inactivity_timeout: float = Field(default=120.0, gt=0)
+    # Prompt processing sends nothing until the first token, and is slow on a CPU: a longer bound.
+    first_token_timeout: float = Field(default=900.0, gt=0)
+    restart_backoff_initial: float = Field(default=1.0, ge=0)
+    restart_backoff_max: float = Field(default=60.0, ge=0)
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    log_level: str = "info"
