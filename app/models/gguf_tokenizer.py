@@ -161,7 +161,44 @@ def tokenizer_config(meta: Mapping[str, Any], context_length: int) -> dict[str, 
 
 
 def write_tokenizer_files(meta: Mapping[str, Any], directory: Path, context_length: int) -> None:
-    """Write tokenizer.json and tokenizer_config.json for the GGUF metadata `meta` into `directory`."""
-    build_tokenizer(meta).save(str(directory / "tokenizer.json"))
+    """Write tokenizer.json and tokenizer_config.json for the GGUF metadata `meta` into `directory`,
+    then check that transformers loads them as written (needs config.json in `directory`)."""
+    tokenizer = build_tokenizer(meta)
+    tokenizer.save(str(directory / "tokenizer.json"))
     config = tokenizer_config(meta, context_length)
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    _check_as_loaded(directory, tokenizer, meta)
+
+
+# Probes for the load check: splitting differs on contractions, digits, whitespace runs, CJK, emoji.
+_PROBES = [
+    "def f(x):\n    return x  +  1\r\n\n\n\tok 12345 3.14",
+    "I'm naïve, they'll SAY: café — 日本語 😀👍🏽 ελληνικά",
+    "   leading and trailing   ",
+]
+
+
+def _check_as_loaded(directory: Path, tokenizer: Tokenizer, meta: Mapping[str, Any]) -> None:
+    """Fail if transformers (which mlx_lm uses) would tokenize differently from what we wrote.
+
+    transformers 5 picks the tokenizer class from config.json's model_type for some types and
+    rebuilds the pipeline in code: for `qwen2` it forces Qwen2's split pattern whatever
+    tokenizer.json says. A file whose pre-tokenizer differs would be silently mis-tokenized.
+    """
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(directory))
+    special = [
+        token
+        for token, kind in zip(meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type", []), strict=False)
+        if kind == _CONTROL
+    ]
+    for text in [*_PROBES, "".join(special[:3]) + "x"]:
+        ours = tokenizer.encode(text, add_special_tokens=False).ids
+        theirs = loaded.encode(text, add_special_tokens=False)
+        if ours != theirs:
+            raise UnsupportedModel(
+                f"transformers loads this tokenizer as {type(loaded).__name__}, which splits text "
+                f"differently from the file's pre-tokenizer {meta.get('tokenizer.ggml.pre')!r} "
+                f"(e.g. {text!r}); the model would be mis-tokenized"
+            )

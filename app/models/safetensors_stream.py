@@ -82,13 +82,13 @@ class ShardedWriter:
         directory: Path,
         tensors: Sequence[TensorSpec],
         dtype: str,
-        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        shard_bytes: int | None = None,
     ) -> None:
         if dtype not in _SAFETENSORS_DTYPE:
             raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         self._directory = directory
         self._dtype = dtype
-        self._shards = plan_shards(tensors, dtype, shard_bytes)
+        self._shards = plan_shards(tensors, dtype, shard_bytes or DEFAULT_SHARD_BYTES)
         self._queue = [(index, spec) for index, shard in enumerate(self._shards) for spec in shard]
         self._position = 0
         self._open: IO[bytes] | None = None
