@@ -1,0 +1,12 @@
+"""The backend program: `python -m app.launcher` runs mlx_lm.server with specgate's hooks installed.
+
+mlx_lm.server is imported and run as it is (never copied); the hooks replace a few names in its module
+namespace with subclasses or wrappers:
+
+- `stats.py`: per-request speculative-decoding figures and timings, backend-wide counters.
+- `cache_fixes.py`: a prompt cache that fixes bugs B1 and B2 of mlx-lm 0.32.2.
+- `loading.py`: dtype cast after loading, the load event.
+- `handler.py`: the HTTP handler: in-band figures, `/specgate/stats`, request-id logging.
+- `hooks.py`: installs all of the above into `mlx_lm.server`.
+- `__main__.py`: the command line.
+"""

@@ -1,0 +1,42 @@
+"""Install specgate's hooks into the `mlx_lm.server` module namespace.
+
+Each hook replaces one module-level name that mlx_lm.server looks up at call time, with a subclass or
+a wrapper of the original: its code runs unchanged, only observed or corrected at these points.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from mlx_lm import server
+
+from app.launcher.cache_fixes import FixedPromptCache
+from app.launcher.generation import (
+    SpecgateResponseGenerator,
+    counting_batch_generator,
+    counting_stream_generate,
+)
+from app.launcher.handler import handler_class
+from app.launcher.loading import casting_load, model_provider_class
+from app.launcher.options import LauncherOptions
+from app.launcher.stats import BackendCounters
+
+# Typed as Any: these assignments replace names mlx_lm.server does not declare as replaceable.
+_server: Any = server
+
+
+def install(options: LauncherOptions, counters: BackendCounters) -> None:
+    """Replace the hooked names in `mlx_lm.server`; call once, before `mlx_lm.server.main()`."""
+    # Loading: `_load` calls `load` for the main and the draft model; `_generate` calls `load_default`.
+    _server.load = casting_load(_server.load, options.dtype)
+    _server.ModelProvider = model_provider_class(counters)
+    # Generation: with a draft every request goes through `stream_generate`; without one, through
+    # the batch generator (unless a request is not batchable, which takes `stream_generate` too).
+    _server.stream_generate = counting_stream_generate(_server.stream_generate, counters)
+    _server.BatchGenerator = counting_batch_generator(_server.BatchGenerator, counters)
+    _server.ResponseGenerator = SpecgateResponseGenerator
+    # `run` ignores its own `handler_class` argument and calls `_run_http_server` with the default.
+    _server._run_http_server = functools.partial(_server._run_http_server, handler_class=handler_class(counters))
+    if options.cache_fixes:
+        _server.LRUPromptCache = FixedPromptCache

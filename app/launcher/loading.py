@@ -1,0 +1,92 @@
+"""Model loading hooks: the `--dtype` cast and the load event.
+
+mlx_lm.server loads the main and the draft model with the module-level name `load`, then keeps them on
+its `ModelProvider`; the generation thread loads the default model first thing (`load_default`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm import server
+
+from app.launcher.stats import BackendCounters
+
+logger = logging.getLogger("specgate.launcher")
+
+DTYPES: dict[str, mx.Dtype] = {
+    "float32": mx.float32,
+    "float16": mx.float16,
+    "bfloat16": mx.bfloat16,
+}
+
+
+def cast_model(model: Any, dtype: mx.Dtype) -> None:
+    """Cast the floating-point parameters of `model` (quantized weights stay integer)."""
+    model.set_dtype(dtype)
+    # Materialize now: otherwise the first request pays for the cast, inside its prompt_seconds.
+    mx.eval(model.parameters())
+
+
+def model_dtype(model: Any) -> str | None:
+    """The dtype(s) of the floating-point parameters actually loaded, e.g. "float32"."""
+    if model is None:
+        return None
+    leaves = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+    names = {
+        str(value.dtype).removeprefix("mlx.core.") for _, value in leaves if mx.issubdtype(value.dtype, mx.floating)
+    }
+    return ",".join(sorted(names)) or None
+
+
+def casting_load(original: Callable[..., Any], dtype_name: str) -> Callable[..., Any]:
+    """Wrap mlx_lm's `load` so that every model it returns is cast to `dtype_name`."""
+    dtype = DTYPES[dtype_name]
+
+    @functools.wraps(original)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        # (model, tokenizer) or (model, tokenizer, config): the model is always first.
+        cast_model(result[0], dtype)
+        return result
+
+    return load
+
+
+def emit_event(event: str, **fields: Any) -> None:
+    """One `SPECGATE_EVENT {json}` line on stdout, flushed: the supervisor reads it as it comes."""
+    print("SPECGATE_EVENT " + json.dumps({"event": event, **fields}), flush=True)
+
+
+def model_provider_class(counters: BackendCounters) -> type[Any]:
+    """`ModelProvider` that announces the loaded default model and dies if it cannot load it."""
+
+    class SpecgateModelProvider(server.ModelProvider):
+        def load_default(self) -> None:
+            started = time.perf_counter()
+            try:
+                super().load_default()  # type: ignore[no-untyped-call]
+            except Exception:
+                # mlx_lm.server would keep running with a dead generation thread: /health turns 503
+                # and the supervisor waits for its deadline. Exiting lets it see the failure at once.
+                logger.exception("specgate: loading the default model failed")
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+            if self.model is None:
+                return
+            main, draft = model_dtype(self.model), model_dtype(self.draft_model)
+            counters.set_dtypes(main, draft)
+            logger.info("specgate: loaded; model dtype %s, draft dtype %s", main, draft)
+            emit_event("loaded", load_seconds=round(time.perf_counter() - started, 3))
+
+    return SpecgateModelProvider

@@ -1,0 +1,167 @@
+"""Per-request figures (speculative decoding, timings) and the backend-wide counters.
+
+The speculative figures are reconstructed from the `from_draft` flags that `stream_generate` yields,
+following `speculative_generate_step` in mlx_lm/generate.py (0.32.2). Each verification round:
+
+- drafts `min(k, max_tokens - tokens so far)` tokens (0 when k is 0),
+- yields the accepted drafted tokens (`from_draft=True`), then one token of the target
+  (`from_draft=False`) unless `max_tokens` was reached by the accepted ones.
+
+So a round starts at the first token after a target token (or at the first token of the request) and
+every target token closes one. Every token the generator makes is yielded by `stream_generate` (it
+yields the eos token and the `max_tokens`-th token as its final response), so counting the yielded
+responses counts the generator's tokens. A round the consumer cuts short (stop word, client gone)
+counts with everything it drafted: the draft and the verification pass ran before its first token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class SpeculationCounter:
+    """Speculative-decoding figures of one `stream_generate` call with a draft model."""
+
+    num_draft_tokens_per_round: int
+    max_tokens: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    _produced: int = 0
+    _round_open: bool = False
+    _round_drafted: int = 0
+    _round_accepted: int = 0
+
+    def __post_init__(self) -> None:
+        k = max(self.num_draft_tokens_per_round, 0)
+        self.drafted_per_position = [0] * k
+        self.accepted_per_position = [0] * k
+
+    def observe(self, from_draft: bool) -> None:
+        """Account for one yielded token."""
+        if not self._round_open:
+            self._open_round()
+        if from_draft:
+            self.num_accepted_tokens += 1
+            if self._round_accepted < self._round_drafted:
+                self.accepted_per_position[self._round_accepted] += 1
+            self._round_accepted += 1
+        else:
+            # The target's own token ends every round that does not end at max_tokens.
+            self._round_open = False
+        self._produced += 1
+
+    def _open_round(self) -> None:
+        k = max(self.num_draft_tokens_per_round, 0)
+        # max_tokens < 0 means "no limit" in mlx_lm's generators.
+        left = self.max_tokens - self._produced if self.max_tokens >= 0 else k
+        drafted = min(k, left)
+        self._round_open = True
+        self._round_drafted = drafted
+        self._round_accepted = 0
+        if drafted > 0:
+            self.num_drafts += 1
+            self.num_draft_tokens += drafted
+            for position in range(drafted):
+                self.drafted_per_position[position] += 1
+
+
+@dataclass
+class RequestStats:
+    """Everything the launcher reports in band for one completion request.
+
+    Created by the HTTP handler thread, carried to the generation thread on the request object,
+    so the figures are those of this request by construction.
+    """
+
+    request_id: str | None
+    speculation: SpeculationCounter | None = None
+    started_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    tokens: int = 0
+
+    def mark_started(self) -> None:
+        self.started_at = time.perf_counter()
+
+    def mark_token(self) -> None:
+        now = time.perf_counter()
+        self.tokens += 1
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+
+    def timed(self, responses: Iterable[T]) -> Iterator[T]:
+        """Yield `responses`, stamping the arrival of each."""
+        for response in responses:
+            self.mark_token()
+            yield response
+
+    def to_json(self, prompt_tokens: int, cached_tokens: int, generation_tokens: int) -> dict[str, Any]:
+        """The `"specgate"` object of docs/architecture.md, "launcher -> gateway"."""
+        spec = self.speculation
+        return {
+            "request_id": self.request_id,
+            "num_drafts": spec.num_drafts if spec else 0,
+            "num_draft_tokens": spec.num_draft_tokens if spec else 0,
+            "num_accepted_tokens": spec.num_accepted_tokens if spec else 0,
+            "drafted_per_position": list(spec.drafted_per_position) if spec else [],
+            "accepted_per_position": list(spec.accepted_per_position) if spec else [],
+            "prompt_tokens": prompt_tokens,
+            "cached_tokens": max(cached_tokens, 0),
+            "generation_tokens": generation_tokens,
+            "prompt_seconds": _seconds(self.started_at, self.first_token_at),
+            "generation_seconds": _seconds(self.first_token_at, self.last_token_at),
+        }
+
+
+def _seconds(start: float | None, end: float | None) -> float:
+    if start is None or end is None:
+        return 0.0
+    return round(end - start, 6)
+
+
+class BackendCounters:
+    """Backend-wide counters served at `GET /specgate/stats`; safe to update from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests_started = 0
+        self._requests_finished = 0
+        self._tokens_generated = 0
+        self._dtypes: dict[str, str | None] = {"model_dtype": None, "draft_dtype": None}
+
+    def request_started(self) -> None:
+        with self._lock:
+            self._requests_started += 1
+
+    def request_finished(self) -> None:
+        with self._lock:
+            self._requests_finished += 1
+
+    def add_tokens(self, count: int) -> None:
+        with self._lock:
+            self._tokens_generated += count
+
+    def set_dtypes(self, model: str | None, draft: str | None) -> None:
+        with self._lock:
+            self._dtypes = {"model_dtype": model, "draft_dtype": draft}
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests_started": self._requests_started,
+                "requests_finished": self._requests_finished,
+                "tokens_generated": self._tokens_generated,
+                "active_requests": self._requests_started - self._requests_finished,
+                **self._dtypes,
+            }
