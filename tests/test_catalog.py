@@ -312,3 +312,11 @@ def test_store_from_environment(
     monkeypatch.setenv("SPECGATE_MODEL_STORE", str(tmp_path / "env-store"))
     assert models_main(["list"]) == 0
     assert f"model store: {tmp_path / 'env-store'}" in capsys.readouterr().out
+
+
+def test_specgate_command_has_the_models_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import build_parser
+
+    args = build_parser().parse_args(["models", "list", "--store", str(tmp_path)])
+    assert args.func(args) == 0
+    assert f"model store: {tmp_path}" in capsys.readouterr().out
