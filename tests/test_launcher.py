@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,6 +277,7 @@ FIGURE_CASES = [
     ("text", True, 5, "import os\nimport sys", 7),  # 7 = 5 + 2: the last round drafts 1 or 2
     ("chat", False, 3, chat("Hello! How can I help"), 2),
     ("text", False, 5, "Numbers 0 1 2 3 4", 1),  # one round, one drafted token
+    ("text", True, 0, "Hello! How", 10),  # k=0: rounds without drafted tokens do not count
 ]
 
 
@@ -329,6 +331,40 @@ def test_stop_word_cuts_a_round_short(backends: Backends, reference: Reference) 
     got = complete(backends.spec, "text", body)
     assert got.token_ids == truth.tokens
     assert {key: got.specgate[key] for key in truth.figures(k)} == truth.figures(k)
+
+
+def test_concurrent_requests_get_their_own_figures(backends: Backends, reference: Reference) -> None:
+    cases = [(f"concurrent-{i}", prompt, k, 10 + 7 * i) for i, (prompt, k) in enumerate(CONCURRENT)]
+
+    def one(case: tuple[str, str, int, int]) -> Completion:
+        request_id, prompt, k, max_tokens = case
+        return complete(backends.spec, "text", body_for("text", prompt, max_tokens, k), True, request_id)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(one, cases, timeout=60))
+    for (request_id, prompt, k, max_tokens), got in zip(cases, results, strict=True):
+        truth = reference.speculative(reference.prompt_tokens("text", prompt), max_tokens, k)
+        assert got.specgate["request_id"] == request_id
+        assert got.text == truth.text
+        assert {key: got.specgate[key] for key in truth.figures(k)} == truth.figures(k)
+
+
+CONCURRENT = [("What is the capital", 2), ("def main():", 4), ("Hello! How can", 1), ("class Robot:", 3)]
+
+
+def test_concurrent_batched_requests_get_their_own_figures(backends: Backends) -> None:
+    # Without a draft the batch generator serves these together, interleaving their tokens.
+    def one(max_tokens: int) -> Completion:
+        body = body_for("text", f"batched request {max_tokens}", max_tokens)
+        return complete(backends.plain, "text", body, True, f"batched-{max_tokens}")
+
+    sizes = [5, 40, 80, 20]
+    with ThreadPoolExecutor(len(sizes)) as pool:
+        results = list(pool.map(one, sizes, timeout=60))
+    for max_tokens, got in zip(sizes, results, strict=True):
+        assert got.specgate["request_id"] == f"batched-{max_tokens}"
+        assert got.specgate["generation_tokens"] == max_tokens == got.usage["completion_tokens"]
+        assert got.specgate["prompt_seconds"] + got.specgate["generation_seconds"] <= got.seconds
 
 
 def test_server_default_k_is_used_when_the_request_has_none(backends: Backends, reference: Reference) -> None:
