@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     options, server_argv = parse_args(sys.argv[1:] if argv is None else argv)
     install(options, BackendCounters())
     # mlx_lm.server.main() parses sys.argv itself: hand it exactly the flags that are its own.
-    sys.argv = [sys.argv[0], *server_argv]
+    sys.argv = ["python -m app.launcher", *server_argv]
     server.main()  # type: ignore[no-untyped-call]
 
 
