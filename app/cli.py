@@ -51,6 +51,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except PortUnavailable as error:
         print(f"specgate: {error}", file=sys.stderr)
         return 1
+    if settings.prepare_models and not args.no_prepare:
+        # The port is held already, so a clash is reported before a long download, not after it.
+        from app.prepare import prepare_models
+
+        prepare_models(profiles, settings.model_store)
     host, port = sock.getsockname()[:2]
     print(
         f"specgate: {len(profiles)} profiles from {settings.profiles_dir}; listening on http://{host}:{port}/v1",
@@ -114,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000, falling back to 8080 when taken)")
     serve.add_argument("--profiles-dir", type=Path, help="directory of profile TOML files (default ./profiles)")
+    serve.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="do not pull or import missing catalog:/gguf: models before serving (SPECGATE_PREPARE_MODELS=0)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     profiles = sub.add_parser("profiles", help="list profiles and, from a running gateway, their state")
