@@ -6,6 +6,7 @@ Each sub-command sets `func` on its parsed arguments: `args.func(args)` returns 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -89,16 +90,28 @@ def _run_pull(args: argparse.Namespace) -> int:
     )
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised so that `finally` blocks run: staging directories are removed and
+    subprocess.run kills the pip child instead of leaving it running."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _guarded(action: Callable[[], Path]) -> int:
     started = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         path = action()
     except ModelsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _progress(f"done in {time.monotonic() - started:.1f} s")
     print(path)
     return 0
