@@ -12,6 +12,22 @@ import numpy as np
 
 from app.testing.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, write_tokenizer
 
+# Text that trips tokenizers: code, accents, CJK, emoji (with ZWJ and skin tone), whitespace runs,
+# CRLF, contractions, digits, and special tokens written in the text.
+TEXTS = [
+    "Hello, world! What is the capital of France?",
+    "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Ünïcödé — naïve café, 日本語のテキスト, Ελληνικά, русский",
+    "emoji 😀🎉👍🏽 🇫🇷 family 👨‍👩‍👧",
+    "spaces   and\t\ttabs\n\n\n   trailing   ",
+    "numbers 1234567890 3.14159 1e-10 0x1F",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "x = {'a': [1, 2, 3]}  # comment\r\nwindows line",
+    "   leading spaces",
+    "I'm you'll they'd WE'RE don't",
+    "",
+]
+
 HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS = 64, 2, 128, 4, 2
 TOKENIZER_VOCAB = 320
 
@@ -200,3 +216,20 @@ def write_part_wheel(directory: Path, package: str, version: str, member: str, p
         )
         archive.writestr(f"{info}/RECORD", "")
     return wheel
+
+
+def transformers_reference(path: Path) -> Any:
+    """transformers' own GGUF tokenizer conversion, fed the file's metadata: an independent reference."""
+    import gguf
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    fields = gguf.GGUFReader(path).fields
+    renames = GGUF_TOKENIZER_MAPPING["tokenizer"]
+    spec = {
+        name: fields[f"tokenizer.{key}"].contents() for key, name in renames.items() if f"tokenizer.{key}" in fields
+    }
+    tokenizer, _ = convert_gguf_tokenizer(fields["general.architecture"].contents(), spec)
+    return tokenizer

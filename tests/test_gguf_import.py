@@ -15,23 +15,15 @@ from app.models.errors import GGUFImportError, UnsupportedModel
 from app.models.gguf_import import import_gguf
 from app.models.store import ModelStore
 from app.testing.tiny_model import CHAT_TEMPLATE
-from tests.models_helpers import HEADS, KV_HEADS, TinyGGUF, llama_cpp_permute, write_tiny_gguf
-
-# Text that trips tokenizers: code, accents, CJK, emoji (with ZWJ and skin tone), whitespace runs,
-# CRLF, contractions, digits, and special tokens written in the text.
-TEXTS = [
-    "Hello, world! What is the capital of France?",
-    "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
-    "Ünïcödé — naïve café, 日本語のテキスト, Ελληνικά, русский",
-    "emoji 😀🎉👍🏽 🇫🇷 family 👨‍👩‍👧",
-    "spaces   and\t\ttabs\n\n\n   trailing   ",
-    "numbers 1234567890 3.14159 1e-10 0x1F",
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
-    "x = {'a': [1, 2, 3]}  # comment\r\nwindows line",
-    "   leading spaces",
-    "I'm you'll they'd WE'RE don't",
-    "",
-]
+from tests.models_helpers import (
+    HEADS,
+    KV_HEADS,
+    TEXTS,
+    TinyGGUF,
+    llama_cpp_permute,
+    transformers_reference,
+    write_tiny_gguf,
+)
 
 
 def _load_weights(directory: Path) -> dict[str, np.ndarray[Any, Any]]:
@@ -307,26 +299,10 @@ def test_tokenizer_matches_transformers_gguf_converter(
     """transformers' own GGUF tokenizer conversion is an independent implementation (it has no
     'smollm' split, so that one is checked against llama.cpp and the real model only)."""
     tiny = write_tiny_gguf(tmp_path / "tiny.gguf", architecture, pre=pre)
-    reference = _transformers_reference(tiny.path)
+    reference = transformers_reference(tiny.path)
     imported = _imported_tokenizer(tiny, store)
     for text in [*TEXTS, *_chat_texts(imported)]:
         assert imported.encode(text) == reference.encode(text).ids, text
-
-
-def _transformers_reference(path: Path) -> Any:
-    import gguf
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_TOKENIZER_MAPPING,
-        convert_gguf_tokenizer,
-    )
-
-    fields = gguf.GGUFReader(path).fields
-    renames = GGUF_TOKENIZER_MAPPING["tokenizer"]
-    spec = {
-        name: fields[f"tokenizer.{key}"].contents() for key, name in renames.items() if f"tokenizer.{key}" in fields
-    }
-    tokenizer, _ = convert_gguf_tokenizer(fields["general.architecture"].contents(), spec)
-    return tokenizer
 
 
 @pytest.mark.parametrize(("architecture", "pre"), ARCH_AND_PRE)

@@ -15,7 +15,7 @@ import pytest
 
 from app.models.catalog import CATALOG, fetch_gguf, pull
 from app.models.store import ModelStore, default_store_dir
-from tests.test_gguf_import import TEXTS
+from tests.models_helpers import TEXTS, transformers_reference
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +78,6 @@ def test_real_tokenizer_matches_references(store: ModelStore, tmp_path: Path, na
     installed, llama.cpp's own tokenizer, on text and on the model's chat template output."""
     from mlx_lm.utils import load_tokenizer
 
-    from tests.test_gguf_import import _transformers_reference
-
     imported = load_tokenizer(pull(name, store))
     gguf = fetch_gguf(CATALOG[name], tmp_path, print, ())
     messages = [
@@ -87,7 +85,7 @@ def test_real_tokenizer_matches_references(store: ModelStore, tmp_path: Path, na
         {"role": "user", "content": "Écris `print('héllo')` — 日本語 😀\n\n    indented"},
     ]
     texts = [*TEXTS, imported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
-    references = [_transformers_reference(gguf).encode]
+    references = [transformers_reference(gguf).encode]
     try:
         import llama_cpp
     except ImportError:
