@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,11 @@ def _load_or_exit(directory: Path) -> ProfileSet:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from app.logging_setup import configure_logging
     from app.server import PortUnavailable, bind_with_fallback, serve
 
     settings = _settings_from(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     profiles = _load_or_exit(settings.profiles_dir)
     # Only an unspecified port falls back, as users' launcher scripts did; an explicit one is a promise.
     port_given = args.port is not None or "SPECGATE_PORT" in __import__("os").environ

@@ -16,9 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import GatewayError, error_body
 from app.gateway import Gateway
+from app.logging_setup import RequestIdMiddleware
+from app.logs_api import router as logs_router
 from app.profiles import ProfileSet
 from app.routes import router
 from app.settings import Settings
+from app.status import install_status
+from app.status import router as status_router
 
 logger = logging.getLogger("specgate")
 
@@ -38,7 +42,12 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
     app = FastAPI(title="specgate", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
     app.include_router(router)
+    app.include_router(logs_router)
+    install_status(app, gateway)
+    app.include_router(status_router)
     _install_error_handlers(app)
+    # Outermost: the request id must be set before any other code (and any log line) of the request runs.
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
@@ -108,6 +117,8 @@ def serve(settings: Settings, profiles: ProfileSet, sock: socket.socket) -> None
     config = uvicorn.Config(
         app,
         log_level=settings.log_level,
+        # JSON logs: uvicorn's loggers propagate to the root handler (app.logging_setup) instead of its own.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         access_log=False,
         timeout_graceful_shutdown=int(settings.backend_stop_grace) + 25,
         lifespan="on",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from platformdirs import user_cache_dir
 from pydantic import Field
@@ -41,3 +42,5 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     log_level: str = "info"
+    # "json": one JSON object per log line, with the request id (app/logging_setup.py).
+    log_format: Literal["text", "json"] = "text"
