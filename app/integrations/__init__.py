@@ -1,0 +1,1 @@
+"""Configs for the tools users already run against the gateway (OpenCode)."""
