@@ -1,0 +1,129 @@
+"""A gateway of our own on loopback, with backends that need no downloads: for the overhead run.
+
+Two profiles: `tiny`, a real backend (specgate's launcher on a tiny random-weight model generated on
+the spot, about 1000 tokens/sec on a CPU), and `instant`, the fake backend in its instant mode (no token
+delay, many requests at once), which isolates what the gateway itself costs per request and per chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from app.bench.client import BenchError
+
+TINY = "tiny"
+INSTANT = "instant"
+# The most requests the instant profile lets through at once: above the highest concurrency measured.
+INSTANT_CONCURRENCY = 32
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(item) for item in items) + "]"
+
+
+def profiles_text(model_dir: Path) -> str:
+    fake = [sys.executable, "-m", "app.testing.fake_backend"]
+    return f"""
+[profiles."{TINY}"]
+model = {json.dumps(str(model_dir))}
+ttl = 0
+
+[profiles."{INSTANT}"]
+# The fake backend ignores the model; the path only has to exist for the gateway to start it.
+model = {json.dumps(str(model_dir))}
+ttl = 0
+max_queue = 1024
+backend = {{ command = {_toml_list(fake)}, max_concurrency = {INSTANT_CONCURRENCY} }}
+"""
+
+
+@dataclass
+class LocalGateway:
+    url: str
+    backend_ports: dict[str, int]
+    log_path: Path
+    pid: int
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"the gateway exited with {process.returncode}: {log.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1.0, trust_env=False).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"the gateway did not answer /health within {timeout:.0f}s; its log: {log}")
+
+
+def _start_backend(url: str, profile: str) -> int:
+    """One request starts the profile's backend; its port comes from /v1/models."""
+    body = {"model": profile, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120.0, trust_env=False)
+    if response.status_code != 200:
+        raise BenchError(f"profile {profile} did not answer: HTTP {response.status_code} {response.text[:500]}")
+    info = httpx.get(f"{url}/v1/models/{profile}", timeout=10.0, trust_env=False).json()
+    return int(info["backend"]["port"])
+
+
+@contextlib.contextmanager
+def local_gateway(workdir: Path | None = None, env: dict[str, str] | None = None) -> Iterator[LocalGateway]:
+    """Start `specgate serve` with the tiny and instant profiles; stop it (and its backends) on exit."""
+    from app.testing.tiny_model import write_model
+
+    with tempfile.TemporaryDirectory(prefix="specgate-overhead-") as scratch:
+        root = Path(workdir or scratch)
+        model_dir = write_model(root / "tiny-model")
+        profiles_dir = root / "profiles"
+        profiles_dir.mkdir(parents=True, exist_ok=True)
+        (profiles_dir / "overhead.toml").write_text(profiles_text(model_dir))
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log_path = root / "gateway.log"
+        command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--profiles-dir", str(profiles_dir)]
+        environment = {**os.environ, "SPECGATE_MODEL_STORE": str(root / "store"), "SPECGATE_MAX_BACKENDS": "2"}
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [*command, "--no-prepare"],
+                env={**environment, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            _wait_healthy(url, process, log_path, 60.0)
+            ports = {name: _start_backend(url, name) for name in (TINY, INSTANT)}
+            yield LocalGateway(url=url, backend_ports=ports, log_path=log_path, pid=process.pid)
+        finally:
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
