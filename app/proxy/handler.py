@@ -34,6 +34,7 @@ from app.proxy.relay import (
     relay_stream,
 )
 from app.proxy.rewrite import BackendRequest, Kind, build_backend_request
+from app.proxy.upstream import UpstreamResponse
 from app.scheduler import Ticket
 
 logger = logging.getLogger("specgate.requests")
@@ -190,18 +191,18 @@ class CompletionHandler:
 
     async def _start(
         self, slot: BackendSlot, ticket: Ticket, request: BackendRequest, record: RequestRecord
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         for observe in self.start_observers:
             observe(record, slot)
         await slot.admission.wait_turn(ticket)
         record.queue_seconds = ticket.queue_seconds
         await self.pool.ensure_ready(slot)
         record.upstream_started = time.monotonic()
-        return await open_upstream(self.http, slot.backend, request, record.request_id, self.timeouts)
+        return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
 
     async def _stream(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         rewriter: StreamRewriter,
         slot: BackendSlot,
         release: Callable[[], None],

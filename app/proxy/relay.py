@@ -1,7 +1,12 @@
 """Talk to a backend: open the upstream request, relay its SSE stream, or assemble one answer.
 
-Every low-level failure (httpx, the backend's own error shapes) is mapped to the gateway's
+Every low-level failure (the connection, the backend's own error shapes) is mapped to the gateway's
 errors here and nowhere else.
+
+The stream is relayed per socket read, not per event: events that arrived together are rewritten and
+sent to the client in one write. On a real model that is one token per read, as before; when a backend
+(or a loaded machine) delivers a burst, the gateway pays its per-write cost (ASGI middleware, a syscall)
+once instead of once per token. Silence is bounded per read with one timer, not a task per line.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import orjson
 
 from app.backends.process import Backend
 from app.errors import BackendDied, BackendError, BackendTimeout, GatewayError, InvalidRequest, error_body
+from app.proxy import upstream as upstream_http
 from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
+from app.proxy.upstream import UpstreamError, UpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
 
@@ -51,31 +58,32 @@ def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayErro
     return BackendError(f"backend {backend.name} answered HTTP {status}: {message}")
 
 
+def dumps(value: Any) -> bytes:
+    """JSON as UTF-8 bytes; orjson for speed, the stdlib for what orjson refuses (integers over 64 bits)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False).encode()
+
+
 async def open_upstream(
-    http: httpx.AsyncClient,
     backend: Backend,
     request: BackendRequest,
     request_id: str,
     timeouts: RelayTimeouts,
-) -> httpx.Response:
+) -> UpstreamResponse:
     """Send the request; return the open response once the backend has sent a 200 status line."""
-    content = json.dumps(request.body, ensure_ascii=False).encode()
-    upstream = http.build_request(
-        "POST",
-        backend.base_url + request.path,
-        content=content,
-        headers={"content-type": "application/json", "x-request-id": request_id},
-        # Reads are bounded per chunk by the relay (first token vs. between tokens), not here.
-        timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0),
-    )
+    host, _, port = backend.base_url.removeprefix("http://").partition(":")
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     try:
-        response = await http.send(upstream, stream=True)
-    except httpx.TransportError as error:
-        raise BackendDied(f"backend {backend.name} is unreachable: {type(error).__name__}: {error}") from error
+        # Reads are bounded per chunk by the relay (first token vs. between tokens), not here.
+        response = await upstream_http.post(host, int(port), request.path, dumps(request.body), headers)
+    except UpstreamError as error:
+        raise BackendDied(f"backend {backend.name} is unreachable: {error}") from error
     if response.status_code != 200:
         try:
             raw = await asyncio.wait_for(response.aread(), timeouts.inactivity)
-        except (httpx.TransportError, TimeoutError):
+        except (UpstreamError, TimeoutError):
             raw = b""
         finally:
             await response.aclose()
@@ -83,24 +91,44 @@ async def open_upstream(
     return response
 
 
-async def _sse_events(response: httpx.Response, record: RequestRecord, timeouts: RelayTimeouts) -> AsyncIterator[str]:
-    """Yield SSE data payloads (and comments, prefixed ':'), bounding the silence between them."""
-    lines = response.aiter_lines()
+def _payloads(lines: bytes) -> list[bytes]:
+    """SSE data payloads (and comment lines, which start with ':') in complete lines."""
+    found = []
+    for line in lines.split(b"\n"):
+        if line.startswith(b"data:"):
+            found.append(line[5:].strip())
+        elif line.startswith(b":"):
+            found.append(line.rstrip(b"\r"))
+    return found
+
+
+async def _sse_batches(
+    response: UpstreamResponse, record: RequestRecord, timeouts: RelayTimeouts
+) -> AsyncIterator[list[bytes]]:
+    """Yield, per socket read, the SSE payloads it completed, bounding the silence between reads."""
+    pending = b""
     while True:
         limit = timeouts.first_token if record.first_token is None else timeouts.inactivity
         try:
-            line = await asyncio.wait_for(anext(lines), limit)
-        except StopAsyncIteration:
-            return
+            async with asyncio.timeout(limit):
+                data = await response.read_some()
         except TimeoutError:
             what = "first token" if record.first_token is None else "next token"
             raise BackendTimeout(f"the backend sent nothing for {limit:.0f}s while waiting for the {what}") from None
-        except httpx.TransportError as error:
-            raise BackendDied(f"the backend connection broke mid-response: {type(error).__name__}") from error
-        if line.startswith("data:"):
-            yield line[5:].strip()
-        elif line.startswith(":"):
-            yield line
+        except UpstreamError as error:
+            raise BackendDied(f"the backend connection broke mid-response: {error}") from error
+        if not data:
+            if pending.strip():
+                yield _payloads(pending)
+            return
+        pending += data
+        cut = pending.rfind(b"\n")
+        if cut < 0:
+            continue
+        complete, pending = pending[: cut + 1], pending[cut + 1 :]
+        payloads = _payloads(complete)
+        if payloads:
+            yield payloads
 
 
 def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
@@ -160,43 +188,59 @@ def sse_error(error: GatewayError) -> bytes:
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
 
 
+def _relay_batch(payloads: list[bytes], rewriter: StreamRewriter, now: float, out: list[bytes]) -> bool:
+    """Rewrite one read's events into `out`; True once `[DONE]` is among them."""
+    for payload in payloads:
+        if payload.startswith(b":"):
+            out.append(payload + b"\n\n")
+            continue
+        if payload == b"[DONE]":
+            out.append(DONE)
+            return True
+        chunk = _parse_chunk(payload)
+        if chunk is None:
+            continue
+        if "error" in chunk and not chunk.get("choices"):
+            raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+        rewritten = rewriter.rewrite(chunk, now)
+        if rewritten is not None:
+            out.append(b"data: " + dumps(rewritten) + b"\n\n")
+    return False
+
+
 async def relay_stream(
-    response: httpx.Response, rewriter: StreamRewriter, timeouts: RelayTimeouts
+    response: UpstreamResponse, rewriter: StreamRewriter, timeouts: RelayTimeouts
 ) -> AsyncIterator[bytes]:
-    """Relay SSE chunk by chunk; a backend failure becomes an SSE error event that ends the stream."""
+    """Relay SSE one socket read at a time; a backend failure becomes an SSE error event that ends the stream."""
     record = rewriter.record
     finished = False
+    out: list[bytes] = []
     try:
-        async for payload in _sse_events(response, record, timeouts):
-            if payload.startswith(":"):
-                yield payload.encode() + b"\n\n"
-                continue
-            if payload == "[DONE]":
-                finished = True
-                yield DONE
+        async for payloads in _sse_batches(response, record, timeouts):
+            finished = _relay_batch(payloads, rewriter, time.monotonic(), out)
+            if out:
+                yield b"".join(out)
+                out.clear()
+            if finished:
                 break
-            chunk = _parse_chunk(payload)
-            if chunk is None:
-                continue
-            if "error" in chunk and not chunk.get("choices"):
-                raise BackendError(f"the backend reported an error: {_backend_message(payload.encode())}")
-            out = rewriter.rewrite(chunk, time.monotonic())
-            if out is not None:
-                yield b"data: " + json.dumps(out, ensure_ascii=False).encode() + b"\n\n"
         if not finished:
             raise BackendDied("the backend closed the stream before it finished (it may have crashed)")
         record.outcome = "success"
     except GatewayError as error:
         record.outcome = "backend_error"
         record.error = error.message
-        yield sse_error(error)
+        # Events of the failing read that came before the error still reach the client.
+        yield b"".join([*out, sse_error(error)])
 
 
-def _parse_chunk(payload: str) -> dict[str, Any] | None:
+def _parse_chunk(payload: bytes | str) -> dict[str, Any] | None:
     try:
-        chunk = json.loads(payload)
-    except json.JSONDecodeError:
-        return None
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        try:  # the stdlib reads what orjson rejects, such as NaN
+            chunk = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
     return chunk if isinstance(chunk, dict) else None
 
 
@@ -257,44 +301,52 @@ class Assembly:
 
 
 async def assemble(
-    response: httpx.Response, rewriter: StreamRewriter, timeouts: RelayTimeouts, client_model: str
+    response: UpstreamResponse, rewriter: StreamRewriter, timeouts: RelayTimeouts, client_model: str
 ) -> dict[str, Any]:
     """Read the whole upstream stream and build a non-streaming answer (raises on failure)."""
     assembly = Assembly(rewriter.request)
     finished = False
-    async for payload in _sse_events(response, rewriter.record, timeouts):
-        if payload.startswith(":"):
-            continue
-        if payload == "[DONE]":
-            finished = True
+    async for payloads in _sse_batches(response, rewriter.record, timeouts):
+        now = time.monotonic()
+        for payload in payloads:
+            finished = payload == b"[DONE]"
+            if finished:
+                break
+            _assemble_one(payload, rewriter, assembly, now)
+        if finished:
             break
-        chunk = _parse_chunk(payload)
-        if chunk is None:
-            continue
-        if "error" in chunk and not chunk.get("choices"):
-            raise BackendError(f"the backend reported an error: {_backend_message(payload.encode())}")
-        if _is_usage_chunk(chunk):
-            rewriter.absorb_usage(chunk)
-            assembly.usage = chunk.get("usage")
-            continue
-        rewriter.rewrite(chunk, time.monotonic())
-        assembly.add(chunk)
     if not finished:
         raise BackendDied("the backend closed the connection before the answer was complete (it may have crashed)")
     rewriter.record.finish_reason = assembly.finish_reason
     return assembly.body(client_model, rewriter.record)
 
 
+def _assemble_one(payload: bytes, rewriter: StreamRewriter, assembly: Assembly, now: float) -> None:
+    if payload.startswith(b":"):
+        return
+    chunk = _parse_chunk(payload)
+    if chunk is None:
+        return
+    if "error" in chunk and not chunk.get("choices"):
+        raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+    if _is_usage_chunk(chunk):
+        rewriter.absorb_usage(chunk)
+        assembly.usage = chunk.get("usage")
+        return
+    rewriter.rewrite(chunk, now)
+    assembly.add(chunk)
+
+
 async def read_unstreamed(
-    response: httpx.Response, rewriter: StreamRewriter, timeouts: RelayTimeouts, client_model: str
+    response: UpstreamResponse, rewriter: StreamRewriter, timeouts: RelayTimeouts, client_model: str
 ) -> dict[str, Any]:
     """A non-streaming upstream answer (only for logprobs, which mlx never streams)."""
     try:
         raw = await asyncio.wait_for(response.aread(), timeouts.first_token)
     except TimeoutError:
         raise BackendTimeout(f"no answer from the backend within {timeouts.first_token:.0f}s") from None
-    except httpx.TransportError as error:
-        raise BackendDied(f"the backend connection broke: {type(error).__name__}") from error
+    except UpstreamError as error:
+        raise BackendDied(f"the backend connection broke: {error}") from error
     body = _parse_chunk(raw.decode("utf-8", errors="replace"))
     if body is None:
         raise BackendDied("the backend sent an unreadable answer")
