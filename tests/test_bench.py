@@ -84,14 +84,13 @@ def test_k_range_parsing() -> None:
     assert parse_k_range("2:8:3") == [2, 5, 8]
     assert parse_k_range("1,3,5") == [1, 3, 5]
     for bad in ("x", "0:65", "1:2:3:4"):
-        with pytest.raises(Exception, match="expected|between"):
+        with pytest.raises(Exception, match=r"expected|between"):
             parse_k_range(bad)
 
 
 def test_prompt_files_jsonl_and_json(tmp_path: Path) -> None:
-    jsonl = (
-        '{"prompt": "hi"}\n# a comment\n{"id": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}\n'
-    )
+    message = {"id": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    jsonl = '{"prompt": "hi"}\n# a comment\n' + json.dumps(message) + "\n"
     prompts = parse_prompt_file(jsonl, "mine").prompts
     assert [p.id for p in prompts] == ["mine/1", "m"]
     assert prompts[1].max_tokens == 4
