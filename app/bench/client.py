@@ -92,11 +92,29 @@ class Sample:
     timings: dict[str, Any] | None = None
 
     @property
+    def server_decode_seconds(self) -> float | None:
+        predicted = (self.timings or {}).get("predicted_ms")
+        return predicted / 1000.0 if isinstance(predicted, int | float) and predicted > 0 else None
+
+    @property
+    def burst(self) -> bool:
+        """True when the tokens reached the client in fewer, larger pieces than the backend made them.
+
+        A busy machine delays the gateway or the client; the tokens then arrive together and the
+        client-side decode window shrinks towards zero (a fast tiny model reads as 90,000 tokens/sec).
+        """
+        server = self.server_decode_seconds
+        return server is not None and (self.decode_seconds is None or self.decode_seconds < 0.5 * server)
+
+    @property
     def decode_tps(self) -> float | None:
+        """Tokens after the first over first -> last token, as the client saw them; for a burst, the
+        backend's own generation time (from the response's `timings`) stands in for the window."""
         # The first token is prompt processing's; decode speed counts the ones after it.
-        if self.decode_seconds is None or self.decode_seconds <= 0 or self.completion_tokens < 2:
+        window = self.server_decode_seconds if self.burst else self.decode_seconds
+        if window is None or window <= 0 or self.completion_tokens < 2:
             return None
-        return (self.completion_tokens - 1) / self.decode_seconds
+        return (self.completion_tokens - 1) / window
 
     @property
     def output(self) -> str:
@@ -118,6 +136,7 @@ class Sample:
             "e2e_s": self.e2e,
             "decode_s": self.decode_seconds,
             "decode_tokens_per_second": self.decode_tps,
+            "burst": self.burst,
             "completion_tokens": self.completion_tokens,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,

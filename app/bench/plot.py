@@ -58,6 +58,7 @@ def write_plot(result: BenchResult, path: Path) -> Path:
     for index, base in enumerate(_baselines(result)):
         assert base.decode_tps is not None
         speed.axhline(base.decode_tps.median, linestyle="--", color=f"C{index + 5}", label=f"{base.arm.label}")
+    speed.xaxis.get_major_locator().set_params(integer=True)
     speed.set_xlabel("num_draft_tokens (k)")
     speed.set_ylabel("decode tokens/sec (median)")
     speed.set_title("Decode speed against draft length")
@@ -66,6 +67,7 @@ def write_plot(result: BenchResult, path: Path) -> Path:
     for arm in _acceptance_arms(result):
         positions = list(range(1, len(arm.acceptance_by_position) + 1))
         accept.plot(positions, arm.acceptance_by_position, marker="o", label=arm.arm.label)
+    accept.xaxis.get_major_locator().set_params(integer=True)
     accept.set_xlabel("draft position")
     accept.set_ylabel("accepted / verification steps")
     accept.set_title("Acceptance by draft position")
@@ -73,9 +75,10 @@ def write_plot(result: BenchResult, path: Path) -> Path:
     if accept.get_legend_handles_labels()[0]:
         accept.legend(fontsize=7)
     config = result.run.config
+    loads = "/".join(f"{value:.2f}" for value in result.run.load_before) or "?"
     figure.suptitle(
-        f"specgate bench: {config.prompts.name}, {config.repetitions} reps, max_tokens {config.max_tokens}, "
-        f"load {result.run.load_before[:1]}",
+        f"specgate bench: prompts {config.prompts.name}, {config.repetitions} reps, max_tokens {config.max_tokens}, "
+        f"load average at start {loads}",
         fontsize=9,
     )
     figure.tight_layout()

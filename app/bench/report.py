@@ -102,6 +102,11 @@ def _footer(result: BenchResult) -> list[str]:
                 f"{arm.arm.label}: {where.prompt_id} rep {where.rep + 1} differs from {arm.arm.baseline or 'itself'} "
                 f"at char {where.position}: baseline {where.baseline!r}, this {where.candidate!r}"
             )
+        if arm.bursts:
+            lines.append(
+                f"{arm.arm.label}: {arm.bursts} requests arrived in bursts (a busy machine); their decode rate is "
+                "the backend's own"
+            )
         for error in arm.errors[:3]:
             lines.append(f"{arm.arm.label}: failed: {error}")
     return lines

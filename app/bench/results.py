@@ -81,6 +81,8 @@ class ArmResult:
     paired_speedup: float | None = None
     equality: Equality | None = None
     errors: list[str] = field(default_factory=list)
+    # Requests whose tokens arrived in bursts: their decode rate is the backend's (see Sample.burst).
+    bursts: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         def summary(value: Summary | None) -> dict[str, Any] | None:
@@ -95,6 +97,7 @@ class ArmResult:
             "requests": self.requests,
             "failed": self.failed,
             "decode_tokens_per_second": summary(self.decode_tps),
+            "burst_requests": self.bursts,
             "ttft_s": summary(self.ttft),
             "e2e_s": summary(self.e2e),
             "server_decode_tokens_per_second": summary(self.server_decode_tps),
@@ -142,6 +145,8 @@ class SweepResult:
                 f"use {self.baseline}"
             )
         suffix = f" ({best.speedup:.2f}x the baseline)" if best.speedup is not None else ""
+        if best.k == 0:
+            return f"best k = 0: drafting does not pay here{suffix}; use {self.baseline or 'a profile without a draft'}"
         return f"best k = {best.k}{suffix}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -234,6 +239,7 @@ def _arm_result(arm: Arm, samples: list[Sample]) -> ArmResult:
         mean_acceptance_length=length,
         acceptance_by_position=by_position,
         errors=[f"{s.prompt_id} rep {s.rep + 1}: {s.error}" for s in samples if s.error],
+        bursts=sum(s.burst for s in good),
     )
 
 
