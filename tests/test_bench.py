@@ -104,6 +104,9 @@ def test_prompt_files_jsonl_and_json(tmp_path: Path) -> None:
     with pytest.raises(PromptSetError, match="neither a built-in"):
         load_prompt_set("no-such-set")
     assert len(load_prompt_set("queries").prompts) == 5
+    joined = load_prompt_set(f"chat,{document}")
+    assert joined.name == "chat+set"
+    assert [p.id.split("/")[0] for p in joined.prompts] == ["chat"] * 4 + ["set"]
 
 
 def test_decisions_from_answers() -> None:

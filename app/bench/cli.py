@@ -95,7 +95,7 @@ def _add_main_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts",
         default="coding",
-        help=f"built-in set ({', '.join(BUILTIN)}) or a JSONL/JSON file (default coding)",
+        help=f"built-in set ({', '.join(BUILTIN)}), a JSONL/JSON file, or several joined by commas (default coding)",
     )
     parser.add_argument("--limit", type=int, help="use only the first N prompts of the set")
     parser.add_argument("-n", "--repetitions", type=int, default=2, help="measured runs of each prompt (default 2)")

@@ -62,6 +62,8 @@ def list_profiles(http: httpx.Client, url: str) -> dict[str, ProfileInfo]:
             f"no server answers at {url} ({type(error).__name__}): start the gateway with `specgate serve` "
             "(or pass --url to the one you run)"
         ) from error
+    if response.status_code == 404:
+        return {}  # a server without a model list: --profiles names what to send
     if response.status_code != 200:
         raise BenchError(f"{url}/v1/models answered HTTP {response.status_code}: is this an OpenAI-compatible server?")
     data = response.json().get("data") or []

@@ -136,7 +136,13 @@ BUILTIN: dict[str, Callable[[], PromptSet]] = {
 
 
 def load_prompt_set(spec: str) -> PromptSet:
-    """A built-in set by name, or a JSONL/JSON file by path."""
+    """A built-in set by name, a JSONL/JSON file by path, or several of either joined by commas.
+
+    Prompt ids start with their set's name, so a report can be split by prompt class later.
+    """
+    if "," in spec:
+        parts = [load_prompt_set(part.strip()) for part in spec.split(",") if part.strip()]
+        return PromptSet("+".join(part.name for part in parts), [p for part in parts for p in part.prompts])
     builtin = BUILTIN.get(spec)
     if builtin is not None:
         return builtin()

@@ -108,6 +108,8 @@ def resolve_arms(config: BenchConfig, listing: dict[str, ProfileInfo]) -> list[A
 
 
 def _default_profiles(listing: dict[str, ProfileInfo]) -> list[str]:
+    if not listing:
+        raise BenchError("this server lists no models; name the ones to measure with --profiles")
     present = [info for info in listing.values() if info.state != "not_present"]
     speculative = [info.name for info in present if info.is_speculative]
     if not speculative:
