@@ -7,7 +7,9 @@ import time
 from typing import Any
 
 import httpx
+from prometheus_client import CollectorRegistry
 
+from app.adaptive import SpeculationPlanner
 from app.backends.pool import BackendPool
 from app.backends.process import BackendState, BackendTiming
 from app.models.sources import SourceStatus, describe_source
@@ -42,7 +44,15 @@ class Gateway:
             RelayTimeouts(first_token=settings.first_token_timeout, inactivity=settings.inactivity_timeout),
             settings.max_body_bytes,
         )
+        # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
+        self.planner = SpeculationPlanner(self.pool, profiles)
+        self.handler.planner = self.planner
+        self.handler.observers.append(self.planner.observe)
         self.apply_profiles(profiles)
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Add the collectors that live outside app/metrics.py to the registry behind /metrics."""
+        registry.register(self.planner)
 
     def resolve(self, value: str) -> SourceStatus:
         return describe_source(value, self.settings.model_store)
@@ -52,6 +62,7 @@ class Gateway:
         unused = self.pool.configure(profiles)
         self.profiles = profiles
         self.handler.profiles = profiles
+        self.planner.profiles = profiles
         return unused
 
     async def start(self) -> None:

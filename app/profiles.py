@@ -17,11 +17,13 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+# "auto": the gateway picks k per request from what it measures (app/adaptive.py), 0 included.
+DraftLength = Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
 
 
 class ProfileError(Exception):
@@ -65,13 +67,22 @@ class BackendOptions(_Strict):
         return value
 
 
+class Routing(_Strict):
+    """Under contention, send requests to the baseline twin (same main model, no draft) instead."""
+
+    # A profile with the same model and dtype and no draft model.
+    twin: str = Field(min_length=1)
+    # Route a request when at least this many requests already wait for the speculative backend.
+    queue_threshold: int = Field(default=1, ge=1)
+
+
 class Profile(_Strict):
     """One servable model name."""
 
     name: str
     model: str = Field(min_length=1)
     draft_model: str | None = None
-    num_draft_tokens: int = Field(default=3, ge=0, le=64)
+    num_draft_tokens: DraftLength = 3
     dtype: Dtype = "float32"
     description: str = ""
     display_name: str | None = None
@@ -86,6 +97,8 @@ class Profile(_Strict):
     max_queue: int = Field(default=64, ge=1)
     sampling: Sampling = Sampling()
     backend: BackendOptions = BackendOptions()
+    # Off unless set: see Routing.
+    routing: Routing | None = None
     source_file: str = ""
 
     @model_validator(mode="after")
@@ -97,6 +110,15 @@ class Profile(_Strict):
     @property
     def is_speculative(self) -> bool:
         return self.draft_model is not None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.is_speculative and self.num_draft_tokens == "auto"
+
+    @property
+    def default_draft_tokens(self) -> int:
+        """k for a request that names none; an `auto` profile's planner overrides the 0 here."""
+        return 0 if self.num_draft_tokens == "auto" else self.num_draft_tokens
 
     @property
     def backend_spec(self) -> BackendSpec:
@@ -129,6 +151,8 @@ class ProfileSet:
         self._by_alias: dict[str, Profile] = {}
         for profile in profiles:
             self._add(profile)
+        for profile in self.profiles.values():
+            self._check_routing(profile)
 
     def _add(self, profile: Profile) -> None:
         for name in (profile.name, *profile.aliases):
@@ -141,6 +165,22 @@ class ProfileSet:
         self.profiles[profile.name] = profile
         for alias in profile.aliases:
             self._by_alias[alias] = profile
+
+    def _check_routing(self, profile: Profile) -> None:
+        if profile.routing is None:
+            return
+        where = f"{profile.source_file}: profile {profile.name!r}: field 'routing.twin'"
+        twin = self.get(profile.routing.twin)
+        if not profile.is_speculative:
+            raise ProfileError(f"{where}: only a profile with a draft model can route to a twin")
+        if twin is None:
+            raise ProfileError(f"{where}: no profile named {profile.routing.twin!r}")
+        # Greedy output stays identical only on the same weights in the same dtype.
+        if twin.draft_model is not None or twin.model != profile.model or twin.dtype != profile.dtype:
+            raise ProfileError(
+                f"{where}: {twin.name!r} must have the same model and dtype ({profile.model}, {profile.dtype}) "
+                "and no draft model"
+            )
 
     def get(self, name: str) -> Profile | None:
         return self.profiles.get(name) or self._by_alias.get(name)

@@ -21,6 +21,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from app.adaptive import Plan, SpeculationPlanner
 from app.backends.pool import BackendPool, BackendSlot
 from app.errors import BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
 from app.profiles import Profile, ProfileSet
@@ -122,6 +123,7 @@ class CompletionHandler:
         self.profiles = ProfileSet([])
         self.observers: list[Observer] = []
         self.start_observers: list[StartObserver] = []
+        self.planner: SpeculationPlanner | None = None
 
     def profile_for(self, body: Any) -> Profile:
         name = body.get("model") if isinstance(body, dict) else None
@@ -141,7 +143,9 @@ class CompletionHandler:
         profile = self.profile_for(body)
         backend_request = build_backend_request(kind, body, profile)
         client_model = body["model"]
-        slot = self.pool.slot_for(profile)
+        # `auto` draft lengths and routing to the baseline twin under contention (app/adaptive.py).
+        plan = self.planner.plan(profile, body, backend_request) if self.planner else Plan(self.pool.slot_for(profile))
+        slot = plan.slot
         record = RequestRecord(
             request_id=request_id,
             profile=profile.name,
@@ -151,6 +155,7 @@ class CompletionHandler:
             streaming=backend_request.client_streams,
             num_draft_tokens=backend_request.num_draft_tokens,
         )
+        plan.annotate(record)
         ticket = slot.admission.admit(profile.name, profile.max_queue)
         released = False
 

@@ -78,6 +78,11 @@ class RequestRecord:
     outcome: str = "unknown"
     error: str | None = None
     finished: float | None = None
+    # Set by app/adaptive.py: the twin that served the request under contention, why k is what it
+    # is ("auto" profiles: warmup, model, probe), and the prompt class acceptance is learnt under.
+    routed_to: str | None = None
+    k_reason: str | None = None
+    prompt_class: str | None = None
 
     def mark_token(self, now: float) -> None:
         if self.first_token is None:
@@ -138,11 +143,11 @@ class RequestRecord:
     # ----- response shapes -------------------------------------------------------------------
 
     def speculative_decoding(self) -> dict[str, Any] | None:
-        """vLLM's per-request `metrics.speculative_decoding` shape."""
-        if self.spec is None:
+        """vLLM's per-request `metrics.speculative_decoding` shape, plus how k was chosen and routing."""
+        if self.spec is None and self.routed_to is None:
             return None
-        spec = self.spec
-        return {
+        spec = self.spec or SpecStats()
+        result: dict[str, Any] = {
             "num_spec_steps": spec.num_drafts,
             "num_draft_tokens": spec.num_draft_tokens,
             "num_accepted_draft_tokens": spec.num_accepted_tokens,
@@ -150,6 +155,12 @@ class RequestRecord:
             "mean_acceptance_length": spec.mean_acceptance_length,
             "acceptance_histogram": list(spec.accepted_per_position),
         }
+        if self.routed_to is not None:
+            result["routed_to"] = self.routed_to
+        if self.k_reason is not None and self.k_reason not in ("fixed", "client"):
+            result["num_speculative_tokens"] = self.num_draft_tokens
+            result["num_speculative_tokens_reason"] = self.k_reason
+        return result
 
     def timings(self) -> dict[str, Any]:
         """llama.cpp's per-request `timings` shape."""

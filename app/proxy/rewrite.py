@@ -189,7 +189,7 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
 
     num_draft_tokens: int | None = None
     if profile.is_speculative:
-        num_draft_tokens = requested_k if requested_k is not None else profile.num_draft_tokens
+        num_draft_tokens = requested_k if requested_k is not None else profile.default_draft_tokens
         forward["num_draft_tokens"] = num_draft_tokens
     else:
         forward.pop("num_draft_tokens", None)

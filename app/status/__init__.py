@@ -200,6 +200,8 @@ class StatusBuilder:
                     "model": info["model"],
                     "draft_model": info["draft_model"],
                     "num_draft_tokens": info["num_draft_tokens"],
+                    # `auto` profiles: the k in use per prompt class and the estimates behind it.
+                    "adaptive": gateway.planner.explain(name),
                     "backend": info["backend"]["name"],
                     "running": info["backend"]["running"],
                     "waiting": info["backend"]["waiting"],
