@@ -92,6 +92,8 @@ class Sample:
     finish_reason: str | None = None
     spec: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
+    # The 1-minute load average when the request ended: on a shared machine, part of every figure.
+    load: float | None = None
 
     @property
     def server_decode_seconds(self) -> float | None:
@@ -145,6 +147,7 @@ class Sample:
             "finish_reason": self.finish_reason,
             "speculative_decoding": self.spec,
             "timings": self.timings,
+            "load_average_1m": self.load,
             "text": self.text,
             "tool_calls": self.tool_calls,
         }

@@ -87,10 +87,12 @@ def _markdown_table(rows: Sequence[Sequence[str]]) -> str:
 def _footer(result: BenchResult) -> list[str]:
     run = result.run
     config = run.config
+    during = result.load_during
+    load = f", 1-minute load during: median {during.median:.2f}, max {during.max:.2f}" if during else ""
     lines = [
         f"prompt set {config.prompts.name} ({len(config.prompts.prompts)} prompts), {config.repetitions} repetitions, "
         f"max_tokens {config.max_tokens}, temperature {config.temperature}, {run.finished - run.started:.0f}s; "
-        f"load average before {run.load_before}, after {run.load_after}",
+        f"load average before {run.load_before}, after {run.load_after}{load}",
         "DECODE: tokens after the first / (last token - first token), client side; ±: half the interquartile "
         "range, relative. SPEED-UP: median over prompts and repetitions of decode tok/s / the baseline's on the "
         "same prompt and repetition. MAL: mean acceptance length (tokens per verification step).",

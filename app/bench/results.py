@@ -167,6 +167,10 @@ class BenchResult:
     arms: list[ArmResult]
     sweeps: list[SweepResult]
 
+    @property
+    def load_during(self) -> Summary | None:
+        return summarize([sample.load for sample in self.run.samples])
+
     def arm(self, label: str) -> ArmResult | None:
         return next((result for result in self.arms if result.arm.label == label), None)
 
@@ -185,6 +189,7 @@ class BenchResult:
             "seconds": round(self.run.finished - self.run.started, 1),
             "load_average_before": self.run.load_before,
             "load_average_after": self.run.load_after,
+            "load_average_1m_during": self.load_during.as_dict() if self.load_during else None,
             "machine": self.run.machine,
             "arms": [result.as_dict() for result in self.arms],
             "sweeps": [sweep.as_dict() for sweep in self.sweeps],

@@ -269,7 +269,10 @@ class Runner:
     def _send(self, arm: Arm, prompt: Prompt, rep: int, max_tokens: int | None) -> Sample:
         sample = Sample(arm=arm.label, profile=arm.profile, prompt_id=prompt.id, rep=rep, k=arm.k)
         body = request_body(self.config, arm, prompt, max_tokens)
-        return stream_chat(self.http, self.config.url, body, sample, self.config.timeout)
+        stream_chat(self.http, self.config.url, body, sample, self.config.timeout)
+        loads = machine.load_average()
+        sample.load = loads[0] if loads else None
+        return sample
 
 
 def progress_line(sample: Sample) -> str:
@@ -286,7 +289,6 @@ def progress_line(sample: Sample) -> str:
         parts.append(
             f"accepted {sample.spec.get('num_accepted_draft_tokens')}/{sample.spec['num_draft_tokens']} ({rate:.0%})"
         )
-    loads = machine.load_average()
-    if loads:
-        parts.append(f"load {loads[0]:.2f}")
+    if sample.load is not None:
+        parts.append(f"load {sample.load:.2f}")
     return f"{head}: " + ", ".join(parts)
