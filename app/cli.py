@@ -44,6 +44,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
     profiles = _load_or_exit(settings.profiles_dir)
+    from app.auth import KeyFileError, load_keys
+
+    try:
+        load_keys(settings)  # a missing or empty key file must stop start-up, not leave the gateway open
+    except KeyFileError as error:
+        print(f"specgate: {error}", file=sys.stderr)
+        return 2
     # Only an unspecified port falls back, as users' launcher scripts did; an explicit one is a promise.
     port_given = args.port is not None or "SPECGATE_PORT" in __import__("os").environ
     try:

@@ -5,20 +5,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.auth import ApiKeyMiddleware, load_keys, protected_prefixes
 from app.errors import GatewayError, error_body
 from app.gateway import Gateway
 from app.logging_setup import RequestIdMiddleware
 from app.logs_api import router as logs_router
 from app.profiles import ProfileSet
+from app.reload import ProfileReloader
 from app.routes import router
 from app.settings import Settings
 from app.status import install_status
@@ -30,13 +34,18 @@ logger = logging.getLogger("specgate")
 def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
     """Build the app; nothing starts until the ASGI lifespan does."""
     gateway = Gateway(settings, profiles)
+    # Read the key file now: a missing or empty one stops start-up rather than leaving the gateway open.
+    keys = load_keys(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        reloader = ProfileReloader(gateway, settings.profiles_dir, settings.reload_poll_seconds)
+        reloader.install(watch=settings.reload_on_change)
         try:
             yield
         finally:
+            await reloader.close()
             await gateway.close()
 
     app = FastAPI(title="specgate", version="0.1.0", lifespan=lifespan)
@@ -46,6 +55,17 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
     install_status(app, gateway)
     app.include_router(status_router)
     _install_error_handlers(app)
+    app.add_middleware(ApiKeyMiddleware, keys=keys, prefixes=protected_prefixes(settings))
+    origins = [origin for origin in settings.cors_origins.replace(",", " ").split() if origin]
+    if origins:
+        # Outside the key check: a browser's preflight carries no Authorization header.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after"],
+        )
     # Outermost: the request id must be set before any other code (and any log line) of the request runs.
     app.add_middleware(RequestIdMiddleware)
     return app
@@ -120,7 +140,8 @@ def serve(settings: Settings, profiles: ProfileSet, sock: socket.socket) -> None
         # JSON logs: uvicorn's loggers propagate to the root handler (app.logging_setup) instead of its own.
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.backend_stop_grace) + 25,
+        # SIGTERM: stop listening, let in-flight requests finish for up to this long, then stop backends.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         lifespan="on",
     )
     uvicorn.Server(config).run(sockets=[sock])

@@ -41,6 +41,21 @@ class Settings(BaseSettings):
     restart_backoff_max: float = Field(default=60.0, ge=0)
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+    # Access (app/auth.py). Keys: comma- or whitespace-separated here, and/or one a line in the file.
+    api_keys: str = Field(default="", repr=False)
+    api_key_file: Path | None = None
+    # /v1 and /logs always need a key when keys are on; these two only when asked (scrapers, probes).
+    auth_metrics: bool = False
+    auth_health: bool = False
+    # Browser origins allowed by CORS (comma-separated, "*" for any); empty: no CORS headers at all.
+    cors_origins: str = ""
+
+    # Change without downtime: SIGHUP reloads profiles; optionally also when a profile file changes.
+    reload_on_change: bool = False
+    reload_poll_seconds: float = Field(default=2.0, gt=0)
+    # SIGTERM: in-flight requests may finish for this long before backends are stopped.
+    shutdown_grace: float = Field(default=30.0, ge=0)
     log_level: str = "info"
     # "json": one JSON object per log line, with the request id (app/logging_setup.py).
     log_format: Literal["text", "json"] = "text"

@@ -1,0 +1,106 @@
+"""Optional API keys: `Authorization: Bearer <key>` on the /v1 and /logs routes.
+
+Keys come from `SPECGATE_API_KEYS` (comma- or whitespace-separated) and/or `SPECGATE_API_KEY_FILE`
+(one key a line, `#` comments). With neither set the gateway is open, as a loopback service is.
+Comparison is constant-time (hmac.compare_digest) against every key, so timing reveals nothing about
+which key or prefix matched. Keys are never logged; a refusal logs only the path and the reason.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.errors import error_body
+from app.settings import Settings
+
+logger = logging.getLogger("specgate.auth")
+
+
+class KeyFileError(Exception):
+    pass
+
+
+def load_keys(settings: Settings) -> list[bytes]:
+    """Every configured key, as bytes (compare_digest wants bytes or ASCII str)."""
+    keys = [key for key in settings.api_keys.replace(",", " ").split() if key]
+    if settings.api_key_file is not None:
+        path = Path(settings.api_key_file)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise KeyFileError(f"cannot read the API key file {path}: {error.strerror}") from error
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                keys.append(line)
+        if not keys:
+            raise KeyFileError(f"the API key file {path} holds no keys")
+    return [key.encode() for key in keys]
+
+
+def protected_prefixes(settings: Settings) -> tuple[str, ...]:
+    prefixes = ["/v1", "/logs"]
+    if settings.auth_metrics:
+        prefixes.append("/metrics")
+    if settings.auth_health:
+        prefixes.append("/health")
+    return tuple(prefixes)
+
+
+def key_matches(given: bytes, keys: list[bytes]) -> bool:
+    # No early exit: every key is compared, so the time taken does not say which one matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    return matched
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware (not BaseHTTPMiddleware: streaming responses pass through untouched)."""
+
+    def __init__(self, app: ASGIApp, keys: list[bytes], prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = keys
+        self.prefixes = prefixes
+
+    def _needs_key(self, path: str) -> bool:
+        return any(path == prefix or path.startswith(prefix + "/") for prefix in self.prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or not self._needs_key(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+                break
+        scheme, _, token = header.partition(b" ")
+        if not header:
+            reason = "missing Authorization header; send 'Authorization: Bearer <key>'"
+        elif scheme.lower() != b"bearer" or not token.strip():
+            reason = "the Authorization header must be 'Bearer <key>'"
+        elif not key_matches(token.strip(), self.keys):
+            reason = "invalid API key"
+        else:
+            await self.app(scope, receive, send)
+            return
+        logger.warning("refused %s %s: %s", scope.get("method"), scope["path"], reason)
+        body = json.dumps(error_body(reason, "invalid_request_error", None, "invalid_api_key")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="specgate"'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
