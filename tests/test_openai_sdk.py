@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from app.testing.tiny_model import write_pair
+from tests.conftest import TinyPair
 from tests.harness import FAKE_BACKEND, GatewayProcess, running_gateway, toml_list
 
 SPEC = "speculative/tiny"
@@ -266,12 +268,24 @@ def test_full_queue_is_rate_limit_error(client: openai.OpenAI) -> None:
     assert reply.choices[0].message.content
 
 
-def test_authentication_error_when_keys_are_on() -> None:
-    try:
-        import app.auth  # noqa: F401
-    except ImportError:
-        pytest.skip("API keys are not implemented yet (app/auth.py from issue 5 has not landed)")
-    pytest.skip("app/auth.py exists, but this test has not been wired to its settings yet")
+def test_authentication_error_when_keys_are_on(tiny_pair: TinyPair, tmp_path: Path) -> None:
+    """SPECGATE_API_KEYS on: a wrong key is the SDK's AuthenticationError, the right one is served."""
+    profiles = f'[profiles."{BASE}"]\nmodel = "{tiny_pair.main}"\nsampling = {{ temperature = 0.0 }}\n'
+    with running_gateway(tmp_path, profiles, {"SPECGATE_API_KEYS": "sk-right"}) as keyed:
+        base_url = f"{keyed.url}/v1"
+        with openai.OpenAI(base_url=base_url, api_key="sk-wrong", max_retries=0, timeout=60) as wrong:
+            with pytest.raises(openai.AuthenticationError) as caught:
+                wrong.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            assert caught.value.status_code == 401
+            assert caught.value.code == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                wrong.models.list()
+        with openai.OpenAI(base_url=base_url, api_key="sk-right", max_retries=0, timeout=60) as right:
+            reply = right.chat.completions.create(
+                model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            assert reply.choices[0].message.content is not None
+            assert [model.id for model in right.models.list()] == [BASE]
 
 
 # ----- async -----------------------------------------------------------------------------------------------
