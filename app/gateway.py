@@ -47,6 +47,7 @@ class Gateway:
         # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
         self.planner = SpeculationPlanner(self.pool, profiles)
         self.handler.planner = self.planner
+        self.handler.model_dir = lambda value: self.resolve(value).path
         self.handler.observers.append(self.planner.observe)
         self.apply_profiles(profiles)
 

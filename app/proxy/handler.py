@@ -25,6 +25,7 @@ from app.adaptive import Plan, SpeculationPlanner
 from app.backends.pool import BackendPool, BackendSlot
 from app.errors import BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
 from app.profiles import Profile, ProfileSet
+from app.proxy.context import check_prompt_length
 from app.proxy.record import RequestRecord
 from app.proxy.relay import (
     RelayTimeouts,
@@ -95,7 +96,11 @@ async def read_json_body(request: Request, limit: int) -> Any:
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_constant=_refuse_constant)
+        # Only a \u escape can carry a lone surrogate; such a string cannot be sent on as UTF-8.
+        if b"\\ud" in raw.lower():
+            _refuse_surrogates(value)
+        return value
     except UnicodeDecodeError as error:
         raise InvalidRequest("the request body is not valid UTF-8") from error
     except json.JSONDecodeError as error:
@@ -104,6 +109,27 @@ async def read_json_body(request: Request, limit: int) -> Any:
         ) from error
     except RecursionError as error:
         raise InvalidRequest("the request body is nested too deeply") from error
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidRequest(f"invalid JSON in the request body: {name} is not a JSON number")
+
+
+def _refuse_surrogates(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidRequest(
+                "the request body has a lone UTF-16 surrogate (\\uD800-\\uDFFF) in a string"
+            ) from error
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_surrogates(key)
+            _refuse_surrogates(item)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_surrogates(item)
 
 
 class CompletionHandler:
@@ -124,9 +150,13 @@ class CompletionHandler:
         self.observers: list[Observer] = []
         self.start_observers: list[StartObserver] = []
         self.planner: SpeculationPlanner | None = None
+        # Model value -> local directory (for the prompt-length check); set by the Gateway.
+        self.model_dir: Callable[[str], str | None] = lambda value: None
 
     def profile_for(self, body: Any) -> Profile:
-        name = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise InvalidRequest(f"the request body must be a JSON object, not a JSON {type(body).__name__}")
+        name = body.get("model")
         if name is None:
             raise InvalidRequest("'model' is required: the name of a profile", param="model")
         if not isinstance(name, str):
@@ -142,6 +172,7 @@ class CompletionHandler:
         body = await read_json_body(request, self.max_body_bytes)
         profile = self.profile_for(body)
         backend_request = build_backend_request(kind, body, profile)
+        await check_prompt_length(profile, self.model_dir(profile.model), body)
         client_model = body["model"]
         # `auto` draft lengths and routing to the baseline twin under contention (app/adaptive.py).
         plan = self.planner.plan(profile, body, backend_request) if self.planner else Plan(self.pool.slot_for(profile))

@@ -1,0 +1,90 @@
+"""Refuse a prompt longer than the model's context before it reaches the backend.
+
+mlx_lm.server does not check: it processes any length (slowly, on a CPU for minutes) and then
+generates garbage past the positions the model was trained on. The gateway counts the prompt's
+text with the model's own tokenizer (`tokenizer.json`, the `tokenizers` library) and answers 400
+`context_length_exceeded` when the text alone fills the context. The count leaves out the chat
+template's few tokens, so it never refuses a prompt the model could take.
+
+Cheap for ordinary requests: a byte-level tokenizer makes at least one byte per token, so a prompt
+of fewer UTF-8 bytes than the context cannot fill it and is never tokenized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from app.errors import InvalidRequest
+from app.profiles import Profile
+
+
+def prompt_texts(body: dict[str, Any]) -> list[str]:
+    """The text the model will read: message contents (strings and text parts) or the prompt."""
+    texts: list[str] = []
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        texts.append(prompt)
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(
+                part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return texts
+
+
+@functools.lru_cache(maxsize=16)
+def _model_facts(model_dir: str) -> tuple[int | None, Any]:
+    """(max_position_embeddings, tokenizer or None) of a local model directory, read once."""
+    directory = Path(model_dir)
+    limit: int | None = None
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+        limit = value if isinstance(value, int) and value > 0 else None
+    except (OSError, ValueError):
+        pass
+    tokenizer: Any = None
+    if (directory / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception:  # an unreadable tokenizer only disables the check
+            tokenizer = None
+    return limit, tokenizer
+
+
+def _count(tokenizer: Any, texts: list[str]) -> int:
+    return sum(len(encoding.ids) for encoding in tokenizer.encode_batch(texts, add_special_tokens=False))
+
+
+async def check_prompt_length(profile: Profile, model_dir: str | None, body: dict[str, Any]) -> None:
+    """Raise InvalidRequest (400, code context_length_exceeded) when the prompt fills the context."""
+    texts = prompt_texts(body)
+    size = sum(len(text.encode("utf-8", errors="surrogatepass")) for text in texts)
+    limit = profile.context_length
+    if limit is not None and size < limit:
+        return
+    if model_dir is None:
+        return
+    config_limit, tokenizer = await asyncio.to_thread(_model_facts, model_dir)
+    limit = limit or config_limit
+    if limit is None or size < limit or tokenizer is None:
+        return
+    tokens = await asyncio.to_thread(_count, tokenizer, texts)
+    if tokens >= limit:
+        raise InvalidRequest(
+            f"the prompt has at least {tokens} tokens, more than the {limit}-token context of {profile.name!r}; "
+            "shorten it",
+            param="messages" if "messages" in body else "prompt",
+            code="context_length_exceeded",
+        )
