@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.errors import ModelNotFound
 from app.gateway import Gateway
+from app.openapi_schemas import CHAT_COMPLETION, TEXT_COMPLETION
 
 router = APIRouter()
 _STARTED = int(time.time())
@@ -20,12 +21,12 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=CHAT_COMPLETION)
 async def chat_completions(request: Request) -> Response:
     return await _gateway(request).handler.handle(request, "chat")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=TEXT_COMPLETION)
 async def completions(request: Request) -> Response:
     return await _gateway(request).handler.handle(request, "completion")
 
