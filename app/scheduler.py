@@ -53,6 +53,10 @@ class Admission:
     def profile_count(self, profile: str) -> int:
         return self._per_profile.get(profile, 0)
 
+    def waiting_for(self, profile: str) -> int:
+        """Requests of `profile` in the queue; `profile_count - waiting_for` of them hold a slot."""
+        return sum(1 for ticket, _ in self._waiters if ticket.profile == profile)
+
     def admit(self, profile: str, limit: int) -> Ticket:
         """Count a request against its profile, or refuse it with 429 when the profile is full."""
         count = self._per_profile.get(profile, 0)

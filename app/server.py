@@ -21,6 +21,8 @@ from app.errors import GatewayError, error_body
 from app.gateway import Gateway
 from app.logging_setup import RequestIdMiddleware
 from app.logs_api import router as logs_router
+from app.metrics import install_metrics
+from app.metrics import router as metrics_router
 from app.profiles import ProfileSet
 from app.reload import ProfileReloader
 from app.routes import router
@@ -52,6 +54,8 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
     app.state.gateway = gateway
     app.include_router(router)
     app.include_router(logs_router)
+    install_metrics(app, gateway)
+    app.include_router(metrics_router)
     install_status(app, gateway)
     app.include_router(status_router)
     _install_error_handlers(app)

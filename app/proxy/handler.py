@@ -44,6 +44,7 @@ T = TypeVar("T")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Observer = Callable[[RequestRecord], None]
 StartObserver = Callable[[RequestRecord, BackendSlot], None]
+RefusalObserver = Callable[[Profile | None, str], None]
 
 
 def request_id_for(request: Request) -> str:
@@ -149,6 +150,8 @@ class CompletionHandler:
         self.profiles = ProfileSet([])
         self.observers: list[Observer] = []
         self.start_observers: list[StartObserver] = []
+        # Called with (profile or None, outcome) for a request refused before it had a record.
+        self.refusal_observers: list[RefusalObserver] = []
         self.planner: SpeculationPlanner | None = None
         # Model value -> local directory (for the prompt-length check); set by the Gateway.
         self.model_dir: Callable[[str], str | None] = lambda value: None
@@ -169,25 +172,32 @@ class CompletionHandler:
 
     async def handle(self, request: Request, kind: Kind) -> Response:
         request_id = request_id_for(request)
-        body = await read_json_body(request, self.max_body_bytes)
-        profile = self.profile_for(body)
-        backend_request = build_backend_request(kind, body, profile)
-        await check_prompt_length(profile, self.model_dir(profile.model), body)
-        client_model = body["model"]
-        # `auto` draft lengths and routing to the baseline twin under contention (app/adaptive.py).
-        plan = self.planner.plan(profile, body, backend_request) if self.planner else Plan(self.pool.slot_for(profile))
-        slot = plan.slot
-        record = RequestRecord(
-            request_id=request_id,
-            profile=profile.name,
-            model=profile.model,
-            draft_model=profile.draft_model,
-            kind=kind,
-            streaming=backend_request.client_streams,
-            num_draft_tokens=backend_request.num_draft_tokens,
-        )
-        plan.annotate(record)
-        ticket = slot.admission.admit(profile.name, profile.max_queue)
+        profile: Profile | None = None
+        try:
+            body = await read_json_body(request, self.max_body_bytes)
+            profile = self.profile_for(body)
+            backend_request = build_backend_request(kind, body, profile)
+            await check_prompt_length(profile, self.model_dir(profile.model), body)
+            client_model = body["model"]
+            # `auto` draft lengths and routing to the baseline twin under contention (app/adaptive.py).
+            plan = (
+                self.planner.plan(profile, body, backend_request) if self.planner else Plan(self.pool.slot_for(profile))
+            )
+            slot = plan.slot
+            record = RequestRecord(
+                request_id=request_id,
+                profile=profile.name,
+                model=profile.model,
+                draft_model=profile.draft_model,
+                kind=kind,
+                streaming=backend_request.client_streams,
+                num_draft_tokens=backend_request.num_draft_tokens,
+            )
+            plan.annotate(record)
+            ticket = slot.admission.admit(profile.name, profile.max_queue)
+        except Exception as error:
+            self._refused(profile, error)
+            raise
         released = False
 
         def release() -> None:
@@ -261,6 +271,15 @@ class CompletionHandler:
                 if record.outcome == "success":
                     slot.backend.mark_served()
                 self._finish(record, None)
+
+    def _refused(self, profile: Profile | None, error: Exception) -> None:
+        """Refused before it was queued: no record, but /metrics still counts it by outcome."""
+        outcome = _outcome_for(error) if isinstance(error, GatewayError) else "internal_error"
+        for observe in self.refusal_observers:
+            try:
+                observe(profile, outcome)
+            except Exception:
+                logger.exception("refusal observer failed")
 
     def _finish(self, record: RequestRecord, error: BaseException | None) -> None:
         record.finished = time.monotonic()
