@@ -20,7 +20,7 @@ _SAMPLING: dict[str, Any] = {
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "seed": {"type": "integer"},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
     "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
     "n": {"type": "integer", "minimum": 1, "maximum": 1},
     "num_draft_tokens": {"type": "integer", "minimum": 0, "maximum": 64, "description": "specgate: draft length k"},

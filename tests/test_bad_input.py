@@ -143,6 +143,11 @@ CASES: list[tuple[str, str, Any, int, str | None, str, str | None]] = [
         "context",
         "context_length_exceeded",
     ),
+    # A negative seed used to crash mlx_lm.server's request (mx.random.seed wants uint64; found by the fuzz test).
+    ("seed-negative", "chat", raw(good(seed=-1)), 400, "seed", "between", None),
+    ("unhashable-role", "chat", with_messages([{"role": {}, "content": "hi"}]), 400, "messages", "role", None),
+    # An empty prompt used to reach mlx_lm.server and kill its generation thread (found by the fuzz test).
+    ("text-prompt-empty", "completion", raw({"model": MODEL, "prompt": ""}), 400, "prompt", "empty", None),
     ("text-prompt-missing", "completion", raw({"model": MODEL}), 400, "prompt", "required", None),
     ("text-prompt-tokens", "completion", raw({"model": MODEL, "prompt": [1, 2, 3]}), 400, "prompt", "string", None),
 ]
@@ -221,6 +226,12 @@ def test_accepted_edge_cases(gateway: GatewayProcess) -> None:
         for text in ("emoji 😀👩‍👩‍👧 and flags 🇫🇷", "RTL مرحبا עברית", "nul \u0000 byte", "zero\u200bwidth", "e\u0301"):
             reply = client.post("/v1/chat/completions", json=chat(text, MODEL, max_tokens=4))
             assert reply.status_code == 200, (text, reply.text)
+        # top_k over the vocabulary means "no top-k"; sent as such it used to kill the backend's generation thread.
+        pid = gateway.backend_pid(MODEL)
+        for top_k in (10**6, 512):
+            reply = client.post("/v1/chat/completions", json=good(top_k=top_k, temperature=1.0, seed=3))
+            assert reply.status_code == 200, reply.text
+        assert gateway.backend_pid(MODEL) == pid
         unknown = client.post("/v1/chat/completions", json=good(some_future_field={"nested": [1, 2]}, user="u-1"))
         assert unknown.status_code == 200, unknown.text
         body = raw(good())

@@ -41,17 +41,37 @@ def prompt_texts(body: dict[str, Any]) -> list[str]:
     return texts
 
 
+def _positive_int(config: Any, key: str) -> int | None:
+    value = config.get(key) if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+@functools.lru_cache(maxsize=16)
+def _config_facts(model_dir: str) -> tuple[int | None, int | None]:
+    """(max_position_embeddings, vocab_size) from a local model's config.json, read once."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    return _positive_int(config, "max_position_embeddings"), _positive_int(config, "vocab_size")
+
+
+async def fit_top_k(model_dir: str | None, forward: dict[str, Any]) -> None:
+    """A top_k at or over the vocabulary filters nothing: send 0 (off), since mlx_lm refuses it in its
+    generation thread, which then dies and fails every request the backend holds."""
+    top_k = forward.get("top_k")
+    if not isinstance(top_k, int) or top_k <= 0 or model_dir is None:
+        return
+    _, vocab = await asyncio.to_thread(_config_facts, model_dir)
+    if vocab is not None and top_k >= vocab:
+        forward["top_k"] = 0
+
+
 @functools.lru_cache(maxsize=16)
 def _model_facts(model_dir: str) -> tuple[int | None, Any]:
     """(max_position_embeddings, tokenizer or None) of a local model directory, read once."""
     directory = Path(model_dir)
-    limit: int | None = None
-    try:
-        config = json.loads((directory / "config.json").read_text())
-        value = config.get("max_position_embeddings") if isinstance(config, dict) else None
-        limit = value if isinstance(value, int) and value > 0 else None
-    except (OSError, ValueError):
-        pass
+    limit, _ = _config_facts(model_dir)
     tokenizer: Any = None
     if (directory / "tokenizer.json").is_file():
         try:

@@ -25,7 +25,7 @@ from app.adaptive import Plan, SpeculationPlanner
 from app.backends.pool import BackendPool, BackendSlot
 from app.errors import BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
 from app.profiles import Profile, ProfileSet
-from app.proxy.context import check_prompt_length
+from app.proxy.context import check_prompt_length, fit_top_k
 from app.proxy.record import RequestRecord
 from app.proxy.relay import (
     RelayTimeouts,
@@ -177,7 +177,9 @@ class CompletionHandler:
             body = await read_json_body(request, self.max_body_bytes)
             profile = self.profile_for(body)
             backend_request = build_backend_request(kind, body, profile)
-            await check_prompt_length(profile, self.model_dir(profile.model), body)
+            model_dir = self.model_dir(profile.model)
+            await check_prompt_length(profile, model_dir, body)
+            await fit_top_k(model_dir, backend_request.body)
             client_model = body["model"]
             # `auto` draft lengths and routing to the baseline twin under contention (app/adaptive.py).
             plan = (

@@ -79,7 +79,8 @@ def _check_numbers(body: dict[str, Any]) -> None:
         if not low <= value <= high:
             raise _fail(f"'{name}' must be between {low} and {high}, got {value}", name)
     _check_int(body, "top_k", 0)
-    _check_int(body, "seed", -(2**63), 2**63 - 1)
+    # mx.random.seed takes an unsigned 64-bit integer: a negative seed crashed the backend's request thread.
+    _check_int(body, "seed", 0, 2**63 - 1)
     stop = body.get("stop")
     if (
         stop is not None
@@ -121,7 +122,7 @@ def _check_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise _fail(f"{where} must be an object", "messages")
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise _fail(f"{where}: unknown role {role!r}; expected one of {sorted(CHAT_ROLES)}", "messages")
         content = message.get("content")
         if isinstance(content, list):
@@ -179,6 +180,9 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise _fail("'prompt' is required and must be a string", "prompt")
+        if not prompt:
+            # mlx_lm.server's generation thread dies on an empty prompt, failing every request it holds.
+            raise _fail("'prompt' must not be empty", "prompt")
         path = "/v1/completions"
     for name, value in profile.sampling.as_request_fields().items():
         forward.setdefault(name, value)
