@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.debian import ensure_program
-from tests.harness import FAKE_BACKEND, GatewayProcess, chat, free_port, running_gateway, toml_list, wait_for
+from tests.harness import FAKE_BACKEND, ROOT, GatewayProcess, chat, free_port, running_gateway, toml_list, wait_for
 
 # Installing Prometheus on a bare machine takes a while; only the first test pays for it.
 pytestmark = pytest.mark.timeout(900)
@@ -214,3 +214,27 @@ def test_promql_acceptance_rate_equals_the_responses(
         assert by_profile.get(K3, 0) > 0
         assert by_profile.get(K5, 0) > 0
         assert by_profile.get(BASE, 0) == 0
+        check_dashboard_queries(prom)
+
+
+def dashboard_expressions() -> list[str]:
+    """Every PromQL expression of the Grafana dashboard, its variables filled in as Grafana would."""
+    dashboard = json.loads((ROOT / "dashboards" / "specgate.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", ())]
+    fill = {"$__rate_interval": "1m", "$__range": "5m", "$profile": ".*", "$backend": ".*"}
+    for name, value in fill.items():
+        expressions = [expr.replace(name, value) for expr in expressions]
+    return expressions
+
+
+def check_dashboard_queries(prom_url: str) -> None:
+    """Prometheus itself parses each dashboard query (instant query API: 400 on bad PromQL)."""
+    expressions = dashboard_expressions()
+    assert len(expressions) >= 10
+    for expr in expressions:
+        reply = httpx.get(f"{prom_url}/api/v1/query", params={"query": expr}, timeout=5.0)
+        assert reply.status_code == 200, (expr, reply.text)
+        assert reply.json()["status"] == "success", expr
+    # The backend panels have data as soon as the gateway is scraped once.
+    states = instant(prom_url, "max by (backend, state) (specgate_backend_state) == 1")
+    assert {series["metric"]["state"] for series in states} == {"ready"}
