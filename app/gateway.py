@@ -115,6 +115,8 @@ class Gateway:
                 "restarts": backend.crashes.total_restarts,
                 "consecutive_failures": backend.crashes.consecutive,
                 "retry_in": round(backend.retry_in(), 2),
+                # Failed more than once in a row and waiting out a back-off before the next start.
+                "crash_loop": backend.crashes.consecutive > 1 and backend.retry_in() > 0,
                 "failure": backend.failure,
                 "load_seconds": backend.load_seconds,
                 "running": slot.admission.running,

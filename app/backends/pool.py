@@ -46,6 +46,8 @@ class BackendPool:
         self.slots: dict[BackendSpec, BackendSlot] = {}
         self._capacity = asyncio.Condition()
         self._reaper: asyncio.Task[None] | None = None
+        # Names stay unique after a profile reload removes slots (logs and metrics are keyed by them).
+        self._created = 0
 
     def configure(self, profiles: ProfileSet) -> list[BackendSlot]:
         """Map profiles to slots; returns slots no profile uses any more (to drain and stop)."""
@@ -55,7 +57,8 @@ class BackendPool:
         for spec, users in wanted.items():
             slot = self.slots.get(spec)
             if slot is None:
-                name = f"b{len(self.slots) + 1}-{_short_name(spec)}"
+                self._created += 1
+                name = f"b{self._created}-{_short_name(spec)}"
                 concurrency = 1 if spec.draft_model else spec.options.max_concurrency
                 backend = Backend(name, spec, self.timing, self._resolve, self._http)
                 slot = self.slots[spec] = BackendSlot(backend, Admission(concurrency))
