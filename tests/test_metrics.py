@@ -52,6 +52,7 @@ num_draft_tokens = 2
 model = "{main}"
 draft_model = "{draft}"
 num_draft_tokens = 4
+max_queue = 1
 {greedy}
 
 [profiles."{BASE}"]
@@ -331,6 +332,9 @@ def test_pool_gauges_follow_the_backends(
             assert live.value("specgate_num_requests_running", profile=K2) == 1
             assert live.value("specgate_num_requests_running", profile=K4) == 0
             assert live.value("specgate_num_requests_running") == 1
+            # K4 allows one request running or waiting: a second one is refused, and counted as such.
+            refused = client.post("/v1/completions", json={"model": K4, "prompt": "hi", "max_tokens": 4})
+            assert refused.status_code == 429, refused.text
         thread.join(timeout=120)
     assert queued["status"] == 200
     end = wait_for(
@@ -338,6 +342,7 @@ def test_pool_gauges_follow_the_backends(
         30,
         "the departed stream counted",
     )
+    assert end.value("specgate_requests_total", profile=K4, outcome="rejected") == 1
     assert end.value("specgate_num_requests_running") == 0
     assert end.value("specgate_num_requests_waiting") == 0
 
