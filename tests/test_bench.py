@@ -16,7 +16,7 @@ from app.bench.client import BenchError, Sample
 from app.bench.discrimination import analyze_decisions, decide
 from app.bench.overhead import OverheadConfig, run_overhead
 from app.bench.prompts import PromptSetError, load_prompt_set, parse_prompt_file
-from app.bench.results import SweepPoint, SweepResult, analyze, first_difference
+from app.bench.results import SweepPoint, SweepResult, analyze, chosen_draft_lengths, first_difference
 from app.bench.runner import BenchConfig, Runner
 from app.proxy.upstream import _Dechunker
 from app.testing.tiny_model import write_model
@@ -67,6 +67,22 @@ def test_first_difference() -> None:
     assert first_difference("abc", "abc") is None
     assert first_difference("abcd", "abXd") == 2
     assert first_difference("abc", "abcdef") == 3
+
+
+def test_chosen_draft_lengths_count_the_gateways_choices() -> None:
+    def sample(spec: dict[str, object] | None) -> Sample:
+        result = Sample("auto", "speculative/auto", "coding/x", 0, None)
+        result.spec = spec
+        return result
+
+    samples = [
+        sample({"num_speculative_tokens": 0, "num_speculative_tokens_reason": "model"}),
+        sample({"num_speculative_tokens": 2, "num_speculative_tokens_reason": "warmup"}),
+        sample({"num_speculative_tokens": 0, "num_speculative_tokens_reason": "model"}),
+        sample({"num_draft_tokens": 6}),  # a fixed-k profile: the gateway chose nothing
+        sample(None),
+    ]
+    assert chosen_draft_lengths(samples) == {"0 (model)": 2, "2 (warmup)": 1}
 
 
 def test_sweep_names_the_best_k_or_says_no_draft_pays() -> None:

@@ -104,6 +104,9 @@ def _footer(result: BenchResult) -> list[str]:
                 f"{arm.arm.label}: {where.prompt_id} rep {where.rep + 1} differs from {arm.arm.baseline or 'itself'} "
                 f"at char {where.position}: baseline {where.baseline!r}, this {where.candidate!r}"
             )
+        if arm.chosen_k:
+            chosen = ", ".join(f"k={what} x{count}" for what, count in arm.chosen_k.items())
+            lines.append(f"{arm.arm.label}: draft lengths chosen by the gateway: {chosen}")
         if arm.bursts:
             lines.append(
                 f"{arm.arm.label}: {arm.bursts} requests arrived in bursts (a busy machine); their decode rate is "

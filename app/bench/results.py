@@ -83,6 +83,8 @@ class ArmResult:
     errors: list[str] = field(default_factory=list)
     # Requests whose tokens arrived in bursts: their decode rate is the backend's (see Sample.burst).
     bursts: int = 0
+    # Draft lengths the gateway chose itself (`num_draft_tokens = "auto"`), as "k (reason)" -> requests.
+    chosen_k: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         def summary(value: Summary | None) -> dict[str, Any] | None:
@@ -98,6 +100,7 @@ class ArmResult:
             "failed": self.failed,
             "decode_tokens_per_second": summary(self.decode_tps),
             "burst_requests": self.bursts,
+            "num_speculative_tokens_chosen": self.chosen_k,
             "ttft_s": summary(self.ttft),
             "e2e_s": summary(self.e2e),
             "server_decode_tokens_per_second": summary(self.server_decode_tps),
@@ -245,7 +248,19 @@ def _arm_result(arm: Arm, samples: list[Sample]) -> ArmResult:
         acceptance_by_position=by_position,
         errors=[f"{s.prompt_id} rep {s.rep + 1}: {s.error}" for s in samples if s.error],
         bursts=sum(s.burst for s in good),
+        chosen_k=chosen_draft_lengths(good),
     )
+
+
+def chosen_draft_lengths(samples: list[Sample]) -> dict[str, int]:
+    """How often the gateway chose each k and why (`auto` profiles report both per answer), by k."""
+    counts: dict[tuple[int, str], int] = defaultdict(int)
+    for sample in samples:
+        spec = sample.spec or {}
+        k = spec.get("num_speculative_tokens")
+        if isinstance(k, int) and not isinstance(k, bool):
+            counts[(k, str(spec.get("num_speculative_tokens_reason") or "?"))] += 1
+    return {f"{k} ({reason})": count for (k, reason), count in sorted(counts.items())}
 
 
 def acceptance(samples: list[Sample]) -> tuple[float | None, float | None, list[float]]:
