@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import TinyPair
 from tests.harness import FAKE_BACKEND, PYTHON, GatewayProcess, chat, read_sse, running_gateway, toml_list, wait_for
 
 
@@ -240,3 +241,27 @@ def test_a_queued_request_whose_client_left_is_dropped(slow_gateway: GatewayProc
     wait_for(lambda: backend_stats(slow_gateway, "slow")["active_requests"] == 0, 5, "the backend to finish")
     # Only the request that stayed ever reached the backend.
     assert backend_stats(slow_gateway, "slow")["requests_started"] == started_before + 1
+
+
+def test_disconnect_stops_the_real_launcher(tiny_pair: TinyPair, tmp_path: Path) -> None:
+    """The same, shown by specgate's launcher (mlx_lm.server) on the tiny pair: its own token counter stops."""
+    profiles = (
+        f'[profiles."spec"]\nmodel = "{tiny_pair.main}"\ndraft_model = "{tiny_pair.draft}"\nnum_draft_tokens = 3\n'
+        "sampling = { temperature = 0.0 }\n"
+    )
+    with running_gateway(tmp_path / "gw", profiles) as gateway, gateway.client() as client:
+        # Left alone, this prompt runs to the token limit (no early end of sequence): a low count below means
+        # the disconnect stopped it.
+        full = client.post("/v1/chat/completions", json=chat("Tell me a very long story.", "spec", max_tokens=150))
+        assert full.json()["usage"]["completion_tokens"] == 150
+        before = backend_stats(gateway, "spec")["tokens_generated"]
+        body = chat("Tell me a very long story.", "spec", max_tokens=3500, stream=True)
+        with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+            events = read_sse(reply)
+            for _ in range(3):
+                next(events)
+        generated = stable_tokens(gateway, "spec", within=1.0) - before
+        stats = backend_stats(gateway, "spec")
+        assert stats["requests_finished"] == stats["requests_started"]
+        print(f"the launcher generated {generated} of 3500 tokens for a client that left after 3 events")
+        assert generated < 1000
