@@ -88,7 +88,7 @@ class Gateway:
         slot = self.pool.slot_for(profile)
         backend = slot.backend
         sources = [self.resolve(profile.model)]
-        if profile.draft_model is not None:
+        if profile.uses_draft_weights and profile.draft_model is not None:
             sources.append(self.resolve(profile.draft_model))
         missing = [s for s in sources if not s.present]
         state = backend.state.value

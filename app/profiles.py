@@ -7,6 +7,9 @@ A profile file holds any number of profiles:
     draft_model = "/path/to/draft"
     num_draft_tokens = 5
 
+`draft_model = "prompt-lookup"` drafts without a draft model, by n-gram matching of prompt and output
+in the launcher; its settings go in an optional `prompt_lookup = { min_ngram = 2, max_ngram = 4 }`.
+
 Profiles whose backend settings are equal (`BackendSpec`) share one backend process; they may
 differ in `num_draft_tokens`, sampling, prompts and limits, which the gateway applies per request.
 """
@@ -24,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Dtype = Literal["float32", "float16", "bfloat16"]
 # "auto": the gateway picks k per request from what it measures (app/adaptive.py), 0 included.
 DraftLength = Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
+# The `draft_model` value that means "draft by prompt lookup": not a model to resolve or load.
+PROMPT_LOOKUP = "prompt-lookup"
 
 
 class ProfileError(Exception):
@@ -67,6 +72,19 @@ class BackendOptions(_Strict):
         return value
 
 
+class PromptLookup(_Strict):
+    """N-gram sizes of prompt-lookup drafting (tokens); k per round is `num_draft_tokens`."""
+
+    min_ngram: int = Field(default=2, ge=1, le=16)
+    max_ngram: int = Field(default=4, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PromptLookup:
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must not exceed max_ngram ({self.max_ngram})")
+        return self
+
+
 class Routing(_Strict):
     """Under contention, send requests to the baseline twin (same main model, no draft) instead."""
 
@@ -99,6 +117,8 @@ class Profile(_Strict):
     backend: BackendOptions = BackendOptions()
     # Off unless set: see Routing.
     routing: Routing | None = None
+    # Settings of `draft_model = "prompt-lookup"` (defaults when absent); only with that draft.
+    prompt_lookup: PromptLookup | None = None
     source_file: str = ""
 
     @model_validator(mode="after")
@@ -107,9 +127,26 @@ class Profile(_Strict):
             raise ValueError("set system_prompt or system_prompt_file, not both")
         return self
 
+    @model_validator(mode="after")
+    def _lookup_settings_need_lookup(self) -> Profile:
+        if self.prompt_lookup is not None and self.draft_model != PROMPT_LOOKUP:
+            raise ValueError(f'prompt_lookup settings need draft_model = "{PROMPT_LOOKUP}"')
+        return self
+
     @property
     def is_speculative(self) -> bool:
         return self.draft_model is not None
+
+    @property
+    def uses_draft_weights(self) -> bool:
+        """A draft model to resolve and load (prompt lookup has none)."""
+        return self.draft_model is not None and self.draft_model != PROMPT_LOOKUP
+
+    @property
+    def lookup_settings(self) -> PromptLookup | None:
+        if self.draft_model != PROMPT_LOOKUP:
+            return None
+        return self.prompt_lookup or PromptLookup()
 
     @property
     def adaptive(self) -> bool:
@@ -122,7 +159,7 @@ class Profile(_Strict):
 
     @property
     def backend_spec(self) -> BackendSpec:
-        return BackendSpec(self.model, self.draft_model, self.dtype, self.backend)
+        return BackendSpec(self.model, self.draft_model, self.dtype, self.backend, self.lookup_settings)
 
     @property
     def output_limit(self) -> int | None:
@@ -137,8 +174,18 @@ class BackendSpec:
     draft_model: str | None
     dtype: Dtype
     options: BackendOptions
+    # Set when draft_model is PROMPT_LOOKUP: the launcher drafts by n-gram lookup with these sizes.
+    prompt_lookup: PromptLookup | None = None
+
+    @property
+    def draft_path(self) -> str | None:
+        """The draft model to resolve and load, if any."""
+        return None if self.draft_model == PROMPT_LOOKUP else self.draft_model
 
     def describe(self) -> str:
+        if self.prompt_lookup is not None:
+            lookup = self.prompt_lookup
+            return f"{self.model} + prompt lookup (n-grams {lookup.min_ngram}..{lookup.max_ngram})"
         draft = f" + draft {self.draft_model}" if self.draft_model else ""
         return f"{self.model}{draft}"
 

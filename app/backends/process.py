@@ -211,8 +211,12 @@ class Backend:
         command = list(options.command) if options.command else list(LAUNCHER_COMMAND)
         self.port = free_port()
         argv = [*command, "--model", model]
-        if self.spec.draft_model is not None:
-            argv += ["--draft-model", self._resolved(self.spec.draft_model, "draft_model")]
+        if self.spec.prompt_lookup is not None:
+            lookup = self.spec.prompt_lookup
+            argv += ["--prompt-lookup", "--lookup-min-ngram", str(lookup.min_ngram)]
+            argv += ["--lookup-max-ngram", str(lookup.max_ngram)]
+        elif self.spec.draft_path is not None:
+            argv += ["--draft-model", self._resolved(self.spec.draft_path, "draft_model")]
         if options.command is None or "app.launcher" in " ".join(options.command):
             argv += ["--dtype", self.spec.dtype]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), *options.args]

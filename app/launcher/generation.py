@@ -23,6 +23,7 @@ from typing import Any
 
 from mlx_lm import server
 
+from app.launcher.lookup import LookupDrafter, LookupSettings
 from app.launcher.stats import BackendCounters, RequestStats, SpeculationCounter
 
 _STATS_ATTRIBUTE = "specgate_stats"
@@ -47,8 +48,16 @@ def _current_stats() -> RequestStats | None:
     return stats
 
 
+def _current_prompt() -> list[int] | None:
+    prompt: list[int] | None = getattr(_serving, "prompt", None)
+    return prompt
+
+
 class SpecgateResponseGenerator(server.ResponseGenerator):
     """Carries each request's `RequestStats` into the generation thread and times its tokens."""
+
+    # Set by `install` when the backend drafts by prompt lookup.
+    prompt_lookup: LookupSettings | None = None
 
     def _serve_single(self, request: tuple[Any, Any, Any], stream: Any) -> None:
         _serving.stats = stats_of(request[1])
@@ -56,6 +65,20 @@ class SpecgateResponseGenerator(server.ResponseGenerator):
             super()._serve_single(request, stream)  # type: ignore[no-untyped-call]
         finally:
             _serving.stats = None
+            _serving.prompt = None
+
+    def _tokenize(self, tokenizer: Any, request: Any, args: Any) -> Any:
+        result = super()._tokenize(tokenizer, request, args)  # type: ignore[no-untyped-call]
+        # The whole prompt: `stream_generate` only sees the part after the cached prefix, and prompt
+        # lookup searches all of it.
+        _serving.prompt = list(result[0])
+        return result
+
+    def _is_batchable(self, args: Any) -> bool:
+        # Prompt lookup runs in `stream_generate` (the single path), like a model draft does.
+        if self.prompt_lookup is not None:
+            return False
+        return bool(super()._is_batchable(args))  # type: ignore[no-untyped-call]
 
     def generate(
         self,
@@ -72,18 +95,40 @@ class SpecgateResponseGenerator(server.ResponseGenerator):
         return ctx, stats.timed(responses)
 
 
-def counting_stream_generate(original: Callable[..., Any], counters: BackendCounters) -> Callable[..., Any]:
-    """Wrap `stream_generate`: count every token, and speculative figures when a draft is used."""
+def counting_stream_generate(
+    original: Callable[..., Any], counters: BackendCounters, lookup: LookupSettings | None = None
+) -> Callable[..., Any]:
+    """Wrap `stream_generate`: count every token, and speculative figures when a draft is used.
+
+    With `lookup` set (and no draft model), a request with k > 0 drafts by prompt lookup: its
+    `LookupDrafter` goes in as `draft_model`, which `stream_generate` hands to the (dispatching)
+    `speculative_generate_step`. k = 0 decodes plainly.
+    """
     signature = inspect.signature(original)
 
     def stream_generate(*args: Any, **kwargs: Any) -> Iterator[Any]:
         call = signature.bind(*args, **kwargs)
         call.apply_defaults()
-        counter = _speculation_counter(call.arguments)
+        extra = call.arguments.get("kwargs", {})
+        k = int(extra.get("num_draft_tokens", 2))
+        if lookup is not None and call.arguments.get("draft_model") is None and k > 0:
+            counter: SpeculationCounter | None = SpeculationCounter(
+                num_draft_tokens_per_round=k, max_tokens=int(call.arguments["max_tokens"]), explicit_rounds=True
+            )
+            prompt = call.arguments["prompt"]
+            rest = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+            full = _current_prompt()
+            # The server passes the prompt after its cached prefix; search the whole prompt.
+            history = full if full is not None and full[len(full) - len(rest) :] == rest else rest
+            call.arguments["draft_model"] = LookupDrafter(history, lookup, counter)
+            responses = original(*call.args, **call.kwargs)
+        else:
+            counter = _speculation_counter(call.arguments)
+            responses = original(*args, **kwargs)
         stats = _current_stats()
         if stats is not None and counter is not None:
             stats.speculation = counter
-        return _counted(original(*args, **kwargs), counter, counters)
+        return _counted(responses, counter, counters)
 
     return stream_generate
 

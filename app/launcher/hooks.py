@@ -7,6 +7,7 @@ a wrapper of the original: its code runs unchanged, only observed or corrected a
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any
 
 from mlx_lm import server
@@ -19,11 +20,14 @@ from app.launcher.generation import (
 )
 from app.launcher.handler import handler_class
 from app.launcher.loading import casting_load, model_provider_class
+from app.launcher.lookup import dispatching_speculative_step
 from app.launcher.options import LauncherOptions
 from app.launcher.stats import BackendCounters
 
 # Typed as Any: these assignments replace names mlx_lm.server does not declare as replaceable.
 _server: Any = server
+# The module, not the `generate` function that mlx_lm's package namespace exports under that name.
+_generate: Any = importlib.import_module("mlx_lm.generate")
 
 
 def install(options: LauncherOptions, counters: BackendCounters) -> None:
@@ -33,9 +37,12 @@ def install(options: LauncherOptions, counters: BackendCounters) -> None:
     _server.ModelProvider = model_provider_class(counters)
     # Generation: with a draft every request goes through `stream_generate`; without one, through
     # the batch generator (unless a request is not batchable, which takes `stream_generate` too).
-    _server.stream_generate = counting_stream_generate(_server.stream_generate, counters)
+    _server.stream_generate = counting_stream_generate(_server.stream_generate, counters, options.prompt_lookup)
     _server.BatchGenerator = counting_batch_generator(_server.BatchGenerator, counters)
     _server.ResponseGenerator = SpecgateResponseGenerator
+    # Prompt lookup: `stream_generate` calls this name for any draft; ours runs the n-gram drafter.
+    SpecgateResponseGenerator.prompt_lookup = options.prompt_lookup
+    _generate.speculative_generate_step = dispatching_speculative_step(_generate.speculative_generate_step)
     # `run` ignores its own `handler_class` argument and calls `_run_http_server` with the default.
     _server._run_http_server = functools.partial(_server._run_http_server, handler_class=handler_class(counters))
     if options.cache_fixes:

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from app.launcher.loading import DTYPES
+from app.launcher.lookup import LookupSettings
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,8 @@ class LauncherOptions:
 
     dtype: str = "float32"
     cache_fixes: bool = True
+    # Draft by prompt lookup (n-gram) when there is no draft model; None: off.
+    prompt_lookup: LookupSettings | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="diagnostics only: run with mlx-lm's prompt cache as it is, bugs B1 and B2 included",
     )
+    parser.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="draft by prompt lookup (n-gram matching of prompt + output) instead of a draft model",
+    )
+    parser.add_argument("--lookup-min-ngram", type=int, default=LookupSettings.min_ngram, help="shortest n-gram")
+    parser.add_argument("--lookup-max-ngram", type=int, default=LookupSettings.max_ngram, help="longest n-gram")
     return parser
 
 
@@ -48,4 +58,12 @@ def parse_args(argv: list[str]) -> tuple[LauncherOptions, list[str]]:
     if "-h" in rest or "--help" in rest:
         parser.print_help()
         print()
-    return LauncherOptions(dtype=namespace.dtype, cache_fixes=namespace.cache_fixes), rest
+    lookup = None
+    if namespace.prompt_lookup:
+        if "--draft-model" in rest or any(arg.startswith("--draft-model=") for arg in rest):
+            parser.error("--prompt-lookup and --draft-model cannot be combined")
+        try:
+            lookup = LookupSettings(namespace.lookup_min_ngram, namespace.lookup_max_ngram)
+        except ValueError as error:
+            parser.error(str(error))
+    return LauncherOptions(dtype=namespace.dtype, cache_fixes=namespace.cache_fixes, prompt_lookup=lookup), rest

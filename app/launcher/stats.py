@@ -36,6 +36,9 @@ class SpeculationCounter:
     num_accepted_tokens: int = 0
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
+    # Set when the generator reports each round's draft length itself (prompt lookup drafts fewer
+    # than k when it finds nothing); otherwise rounds are reconstructed from the flags as above.
+    explicit_rounds: bool = False
     _produced: int = 0
     _round_open: bool = False
     _round_drafted: int = 0
@@ -48,7 +51,7 @@ class SpeculationCounter:
 
     def observe(self, from_draft: bool) -> None:
         """Account for one yielded token."""
-        if not self._round_open:
+        if not self._round_open and not self.explicit_rounds:
             self._open_round()
         if from_draft:
             self.num_accepted_tokens += 1
@@ -64,7 +67,10 @@ class SpeculationCounter:
         k = max(self.num_draft_tokens_per_round, 0)
         # max_tokens < 0 means "no limit" in mlx_lm's generators.
         left = self.max_tokens - self._produced if self.max_tokens >= 0 else k
-        drafted = min(k, left)
+        self.open_round(min(k, left))
+
+    def open_round(self, drafted: int) -> None:
+        """A verification round starts with `drafted` tokens (at most k) to verify."""
         self._round_open = True
         self._round_drafted = drafted
         self._round_accepted = 0
