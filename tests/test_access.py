@@ -5,6 +5,9 @@ A real gateway (`specgate serve`) in front of a real launcher on the tiny genera
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from app.settings import Settings
 from tests.conftest import TinyPair
-from tests.harness import GatewayProcess, chat, running_gateway
+from tests.harness import PYTHON, ROOT, GatewayProcess, chat, running_gateway
 
 KEY = "sk-specgate-test-0123456789abcdef"
 OTHER_KEY = "sk-second-key-from-the-file"
@@ -135,3 +138,28 @@ def test_missing_key_file_stops_start_up(tiny_pair: TinyPair, tmp_path: Path) ->
     with pytest.raises(AssertionError, match="gateway exited with 2"):
         gateway.start(timeout=20)
     assert "cannot read the API key file" in gateway.log()
+
+
+def test_opencode_config_works_against_a_keyed_gateway(keyed: GatewayProcess) -> None:
+    """`specgate opencode-config --url` notices the keys (401), lists with SPECGATE_API_KEY, writes an env reference."""
+    command = [PYTHON, "-m", "app.cli", "opencode-config", "--url", keyed.url]
+    without = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=_env_without_key())
+    assert without.returncode != 0
+    assert "wants an API key" in without.stderr
+    with_key = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_env_without_key(), "SPECGATE_API_KEY": KEY},
+    )
+    assert with_key.returncode == 0, with_key.stderr
+    provider = json.loads(with_key.stdout)["provider"]["specgate"]
+    assert provider["options"]["apiKey"] == "{env:SPECGATE_API_KEY}"
+    assert list(provider["models"]) == ["base"]
+    assert KEY not in with_key.stdout
+
+
+def _env_without_key() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if not name.startswith("SPECGATE_")}

@@ -65,6 +65,7 @@ def test_schemathesis_finds_no_server_errors(tiny_pair: TinyPair, tmp_path: Path
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,  # its example database (.schemathesis/) goes there, not into the checkout
             env={"NO_COLOR": "1", "PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)},
         )
         output = result.stdout + result.stderr
