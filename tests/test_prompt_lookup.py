@@ -322,3 +322,16 @@ def _stream(client: httpx.Client, body: dict[str, Any]) -> tuple[str, dict[str, 
                 usage = chunk
     assert usage is not None
     return text, usage
+
+
+def test_editing_prompt_set() -> None:
+    from app.bench.prompts import load_prompt_set
+
+    prompts = load_prompt_set("editing").prompts
+    assert len(prompts) >= 3
+    for prompt in prompts:
+        assert prompt.id.startswith("editing/")
+        content = prompt.messages[-1]["content"]
+        code = content.split("```", 1)[1]
+        assert 30 <= code.count("\n") <= 80, prompt.id
+        assert "whole file" in content

@@ -1,4 +1,4 @@
-"""Prompt sets: the built-in ones (coding, chat, the five queries) and prompt files (JSONL or JSON).
+"""Prompt sets: the built-in ones (coding, chat, editing, the five queries) and prompt files (JSONL/JSON).
 
 A prompt file holds objects, one per JSONL line or as a JSON list (or `{"prompts": [...]}`):
 
@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from app.bench.editing import EDITING
 
 Expectation = Literal["tool", "answer"]
 
@@ -132,6 +134,8 @@ BUILTIN: dict[str, Callable[[], PromptSet]] = {
     "coding": lambda: _set("coding", CODING),
     "chat": lambda: _set("chat", CHAT),
     "queries": lambda: five_queries(with_tools=False),
+    # "Return the whole file" edits: answers that mostly repeat the prompt (prompt lookup's case).
+    "editing": lambda: _set("editing", EDITING),
 }
 
 
