@@ -43,6 +43,19 @@ def load_keys(settings: Settings) -> list[bytes]:
     return [key.encode() for key in keys]
 
 
+def reload_keys(settings: Settings, keys: list[bytes]) -> None:
+    """Replace `keys` in place from the settings' sources; on an error keep the current keys and say why."""
+    if settings.api_key_file is None:
+        return  # keys from the environment cannot change under a running process
+    try:
+        fresh = load_keys(settings)
+    except KeyFileError as error:
+        logger.error("API keys not reloaded, keeping the %d current keys: %s", len(keys), error)
+        return
+    keys[:] = fresh
+    logger.info("API keys reloaded: %d keys", len(fresh))
+
+
 def protected_prefixes(settings: Settings) -> tuple[str, ...]:
     prefixes = ["/v1", "/logs"]
     if settings.auth_metrics:

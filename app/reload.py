@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class ProfileReloader:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signature = self._files_signature()
+        # Other things SIGHUP re-reads (the API key file).
+        self.on_sighup_also: list[Callable[[], None]] = []
 
     def _files_signature(self) -> tuple[tuple[str, int, int], ...]:
         """Names, sizes and mtimes of every file under the directory (profiles and prompt files)."""
@@ -92,6 +94,11 @@ class ProfileReloader:
         await pool.notify_idle()
 
     def on_sighup(self) -> None:
+        for also in self.on_sighup_also:
+            try:
+                also()
+            except Exception:
+                logger.exception("reload on SIGHUP failed")
         self._spawn(self.reload("SIGHUP"))
 
     def install(self, watch: bool) -> None:

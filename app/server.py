@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.auth import ApiKeyMiddleware, load_keys, protected_prefixes
+from app.auth import ApiKeyMiddleware, load_keys, protected_prefixes, reload_keys
 from app.errors import GatewayError, error_body
 from app.gateway import Gateway
 from app.logging_setup import RequestIdMiddleware
@@ -43,6 +43,8 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
         reloader = ProfileReloader(gateway, settings.profiles_dir, settings.reload_poll_seconds)
+        # SIGHUP also re-reads the key file: keys rotate without a restart (in place: the middleware holds the list).
+        reloader.on_sighup_also.append(lambda: reload_keys(settings, keys))
         reloader.install(watch=settings.reload_on_change)
         try:
             yield
