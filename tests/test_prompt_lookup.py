@@ -269,6 +269,12 @@ model = "{tiny_pair.main}"
 draft_model = "prompt-lookup"
 num_draft_tokens = 4
 prompt_lookup = {{ min_ngram = {MIN_NGRAM}, max_ngram = {MAX_NGRAM} }}
+
+[profiles."lookup-auto"]
+model = "{tiny_pair.main}"
+draft_model = "prompt-lookup"
+num_draft_tokens = "auto"
+prompt_lookup = {{ min_ngram = {MIN_NGRAM}, max_ngram = {MAX_NGRAM} }}
 """
     prompt = TEXT_PROMPTS[0]
     _, expected = _expected(reference, "text", prompt, 20, 4)
@@ -304,6 +310,24 @@ prompt_lookup = {{ min_ngram = {MIN_NGRAM}, max_ngram = {MAX_NGRAM} }}
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"] == expected["text"]
         assert response.json()["metrics"]["speculative_decoding"]["num_draft_tokens"] == 0
+        # `auto` on the same backend process: whatever k the planner picks, the output stays greedy and
+        # the figures stay those of a lookup run with that k.
+        models = gateway.models()
+        assert models["lookup"]["backend"]["name"] == models["lookup-auto"]["backend"]["name"]
+        chosen = set()
+        for _ in range(4):
+            body = {"model": "lookup-auto", "prompt": prompt, "max_tokens": 20, "temperature": 0.0}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            payload = response.json()
+            assert payload["choices"][0]["text"] == expected["text"]
+            spec = payload["metrics"]["speculative_decoding"]
+            k = spec["num_speculative_tokens"]
+            chosen.add(k)
+            truth = _expected(reference, "text", prompt, 20, k)[1]
+            assert spec["num_draft_tokens"] == truth["num_draft_tokens"]
+            assert spec["num_accepted_draft_tokens"] == truth["num_accepted_tokens"]
+        assert chosen & {0, 2}, chosen  # the planner's measuring steps ran
 
 
 def _stream(client: httpx.Client, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
