@@ -77,13 +77,25 @@ def test_32_concurrent_clients_get_their_own_answers_in_arrival_order(gateway: G
         with lock:
             done[0] += 1
 
+    # A long request holds the backend while the clients arrive, so they queue behind it however fast the
+    # machine is (without it, a quiet machine can serve each 48-token answer before the next client arrives).
+    def block() -> None:
+        with gateway.client(timeout=300) as own:
+            body = chat("Count slowly from one to a thousand.", "spec", max_tokens=1500)
+            assert own.post("/v1/chat/completions", json=body).status_code == 200
+
+    blocker = threading.Thread(target=block)
+    blocker.start()
+    wait_for(lambda: gateway.models()["spec"]["backend"]["running"] >= 1, 30, "the blocking request to run")
+
     deepest = [0]
 
     def admitted() -> int:
         backend = gateway.models()["spec"]["backend"]
         deepest[0] = max(deepest[0], backend["waiting"])
         with lock:
-            return int(backend["running"] + backend["waiting"] + done[0])
+            # The blocker counts as one running request until it finishes (then done is short by one).
+            return int(backend["running"] + backend["waiting"] + done[0]) - (1 if blocker.is_alive() else 0)
 
     threads = []
     for i in range(CLIENTS):
@@ -92,7 +104,7 @@ def test_32_concurrent_clients_get_their_own_answers_in_arrival_order(gateway: G
         threads.append(thread)
         # The next client arrives only once this one is admitted: arrival order is known to be i.
         wait_for(lambda i=i: admitted() >= i + 1, 30, f"client {i} to be admitted", interval=0.002)
-    for thread in threads:
+    for thread in [blocker, *threads]:
         thread.join(300)
     print(f"deepest queue seen: {deepest[0]} waiting")
     # Clients arrive faster than the backend serves them, so the queue (and its order) was exercised.
