@@ -139,6 +139,13 @@ def test_decisions_from_answers() -> None:
     answer = decide(sample(text="Dependency injection is ..."), "tool")
     assert (answer.decided, answer.correct) == ("answer", False)
     assert decide(sample(error="HTTP 503"), "answer").decided == "error"
+    # A call to a tool that does not exist, written as JSON, is neither an answer nor a call.
+    invented = decide(sample(text='```json\n{\n  "name": "UserSerializer",\n  "arguments": {}}\n```'), "answer")
+    assert (invented.decided, invented.correct) == ("invented-tool", False)
+    assert "UserSerializer" in invented.note
+    definition = decide(sample(text='<tools>\n{"name": "compare_orm", "description": "Compare"}'), "answer")
+    assert definition.decided == "invented-tool"
+    assert decide(sample(text='```json\n{"name": "search_code", "arguments": {}}```'), "tool").correct
 
 
 def test_dechunker_reassembles_split_chunks() -> None:

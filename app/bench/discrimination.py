@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ _TOOL_NAMES = ("search_code", "read_file")
 class Decision:
     prompt_id: str
     expected: str
-    decided: str  # "tool" | "answer" | "error"
+    decided: str  # "tool" | "answer" | "invented-tool" | "error"
     note: str  # "", "truncated", "unparsed", or the error
     detail: str  # the call (name + arguments) or the start of the answer
 
@@ -42,6 +43,11 @@ class Decision:
         return {**self.__dict__, "correct": self.correct}
 
 
+# A function call (or a made-up tool definition) written as JSON text: `{"name": "...", "arguments": ...}`.
+# Small models put these in a code fence or in `<tools>` instead of `<tool_call>`.
+_WRITTEN_CALL = re.compile(r'\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"(?:arguments|parameters|description)"\s*:')
+
+
 def decide(sample: Sample, expected: str) -> Decision:
     if sample.error is not None:
         return Decision(sample.prompt_id, expected, "error", sample.error, "")
@@ -51,6 +57,11 @@ def decide(sample: Sample, expected: str) -> Decision:
     text = sample.text.strip()
     if "<tool_call>" in text or any(f'"name": "{name}"' in text for name in _TOOL_NAMES):
         return Decision(sample.prompt_id, expected, "tool", "unparsed", text[:120])
+    invented = _WRITTEN_CALL.search(text)
+    if invented is not None:
+        # Neither a direct answer nor a usable call: wrong whatever was expected.
+        note = f"calls {invented.group(1)!r}, which is not one of the tools"
+        return Decision(sample.prompt_id, expected, "invented-tool", note, text[:120].replace("\n", " "))
     if not text and sample.finish_reason == "length":
         return Decision(sample.prompt_id, expected, "tool", "truncated", "")
     return Decision(sample.prompt_id, expected, "answer", "", text[:120].replace("\n", " "))
