@@ -1,4 +1,4 @@
-"""`python -m app.launcher [--dtype D] [--no-cache-fixes] <mlx_lm.server flags>`."""
+"""`python -m app.launcher [--dtype D] [--no-cache-fixes] [--verify-attention M] <mlx_lm.server flags>`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from mlx_lm import server
 from app.launcher.hooks import install
 from app.launcher.options import parse_args
 from app.launcher.stats import BackendCounters
+from app.launcher.verify_attention import install as install_verify_attention
+from app.launcher.verify_attention import resolve_mode
 
 
 def main(argv: list[str] | None = None) -> None:
     options, server_argv = parse_args(sys.argv[1:] if argv is None else argv)
     install(options, BackendCounters())
+    mode = resolve_mode(options.verify_attention)
+    if install_verify_attention(mode):
+        print(f"specgate launcher: verification attention unfused ({mode}): no cuDNN plan per shape", file=sys.stderr)
     # mlx_lm.server.main() parses sys.argv itself: hand it exactly the flags that are its own.
     sys.argv = ["python -m app.launcher", *server_argv]
     server.main()  # type: ignore[no-untyped-call]

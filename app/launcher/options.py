@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from app.launcher.loading import DTYPES
 from app.launcher.lookup import LookupSettings
+from app.launcher.verify_attention import MODES as VERIFY_ATTENTION_MODES
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class LauncherOptions:
     cache_fixes: bool = True
     # Draft by prompt lookup (n-gram) when there is no draft model; None: off.
     prompt_lookup: LookupSettings | None = None
+    # How verification rounds compute attention (app/launcher/verify_attention.py).
+    verify_attention: str = "auto"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lookup-min-ngram", type=int, default=LookupSettings.min_ngram, help="shortest n-gram")
     parser.add_argument("--lookup-max-ngram", type=int, default=LookupSettings.max_ngram, help="longest n-gram")
+    parser.add_argument(
+        "--verify-attention",
+        choices=VERIFY_ATTENTION_MODES,
+        default="auto",
+        help="attention of verification rounds: auto (plain ops on CUDA, where mlx builds a cuDNN plan per "
+        "round shape; the fused kernel elsewhere), fused, or unfused (default: auto; the environment "
+        "variable SPECGATE_VERIFY_ATTENTION overrides it)",
+    )
     return parser
 
 
@@ -66,4 +77,10 @@ def parse_args(argv: list[str]) -> tuple[LauncherOptions, list[str]]:
             lookup = LookupSettings(namespace.lookup_min_ngram, namespace.lookup_max_ngram)
         except ValueError as error:
             parser.error(str(error))
-    return LauncherOptions(dtype=namespace.dtype, cache_fixes=namespace.cache_fixes, prompt_lookup=lookup), rest
+    options = LauncherOptions(
+        dtype=namespace.dtype,
+        cache_fixes=namespace.cache_fixes,
+        prompt_lookup=lookup,
+        verify_attention=namespace.verify_attention,
+    )
+    return options, rest
