@@ -81,12 +81,13 @@ def test_32_concurrent_clients_get_their_own_answers_in_arrival_order(gateway: G
     # machine is (without it, a quiet machine can serve each 48-token answer before the next client arrives).
     def block() -> None:
         with gateway.client(timeout=300) as own:
-            body = chat("Count slowly from one to a thousand.", "spec", max_tokens=1500)
+            # Through "narrow": the same backend process, but not one of spec's 32 places.
+            body = chat("Count slowly from one to a thousand.", "narrow", max_tokens=1500)
             assert own.post("/v1/chat/completions", json=body).status_code == 200
 
     blocker = threading.Thread(target=block)
     blocker.start()
-    wait_for(lambda: gateway.models()["spec"]["backend"]["running"] >= 1, 30, "the blocking request to run")
+    wait_for(lambda: gateway.models()["narrow"]["backend"]["running"] >= 1, 30, "the blocking request to run")
 
     deepest = [0]
 
