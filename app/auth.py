@@ -85,9 +85,16 @@ class ApiKeyMiddleware:
         return any(path == prefix or path.startswith(prefix + "/") for prefix in self.prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or not self._needs_key(scope["path"]):
+        reason = self.refusal(scope)
+        if reason is None:
             await self.app(scope, receive, send)
-            return
+        else:
+            await send_refusal(scope, send, reason)
+
+    def refusal(self, scope: Scope) -> str | None:
+        """Why this request may not pass (missing or wrong key), or None when it may."""
+        if scope["type"] != "http" or not self.keys or not self._needs_key(scope["path"]):
+            return None
         header = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -95,25 +102,28 @@ class ApiKeyMiddleware:
                 break
         scheme, _, token = header.partition(b" ")
         if not header:
-            reason = "missing Authorization header; send 'Authorization: Bearer <key>'"
-        elif scheme.lower() != b"bearer" or not token.strip():
-            reason = "the Authorization header must be 'Bearer <key>'"
-        elif not key_matches(token.strip(), self.keys):
-            reason = "invalid API key"
-        else:
-            await self.app(scope, receive, send)
-            return
-        logger.warning("refused %s %s: %s", scope.get("method"), scope["path"], reason)
-        body = json.dumps(error_body(reason, "invalid_request_error", None, "invalid_api_key")).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="specgate"'),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+            return "missing Authorization header; send 'Authorization: Bearer <key>'"
+        if scheme.lower() != b"bearer" or not token.strip():
+            return "the Authorization header must be 'Bearer <key>'"
+        if not key_matches(token.strip(), self.keys):
+            return "invalid API key"
+        return None
+
+
+async def send_refusal(scope: Scope, send: Send, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """The 401 answer, in the OpenAI error shape."""
+    logger.warning("refused %s %s: %s", scope.get("method"), scope["path"], reason)
+    body = json.dumps(error_body(reason, "invalid_request_error", None, "invalid_api_key")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b'Bearer realm="specgate"'),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -7,7 +7,7 @@ import errno
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -15,9 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from app.auth import ApiKeyMiddleware, load_keys, protected_prefixes, reload_keys
 from app.errors import GatewayError, error_body
+from app.fastpath import CompletionFastPath
 from app.gateway import Gateway
 from app.logging_setup import RequestIdMiddleware
 from app.logs_api import router as logs_router
@@ -31,6 +33,16 @@ from app.status import install_status
 from app.status import router as status_router
 
 logger = logging.getLogger("specgate")
+
+
+class SpecgateApp(FastAPI):
+    """FastAPI with an optional plain-ASGI layer in front of its whole middleware stack (app/fastpath.py)."""
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.front is None else self.front(stack)
 
 
 def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
@@ -52,7 +64,7 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
             await reloader.close()
             await gateway.close()
 
-    app = FastAPI(title="specgate", version="0.1.0", lifespan=lifespan)
+    app = SpecgateApp(title="specgate", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
     app.include_router(router)
     app.include_router(logs_router)
@@ -74,6 +86,13 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
         )
     # Outermost: the request id must be set before any other code (and any log line) of the request runs.
     app.add_middleware(RequestIdMiddleware)
+    if not origins:
+        # The completion endpoints skip the stack above (same id, key check and errors, fewer layers per
+        # token); with CORS on they keep it, since starlette's middleware adds the CORS headers.
+        prefixes = protected_prefixes(settings)
+        app.front = lambda stack: CompletionFastPath(
+            stack, lambda: gateway.handler, ApiKeyMiddleware(stack, keys=keys, prefixes=prefixes)
+        )
     return app
 
 
@@ -146,6 +165,8 @@ def serve(settings: Settings, profiles: ProfileSet, sock: socket.socket) -> None
         # JSON logs: uvicorn's loggers propagate to the root handler (app.logging_setup) instead of its own.
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         access_log=False,
+        # The gateway reads no client address (X-Forwarded-For has nothing to feed): one layer less per request.
+        proxy_headers=False,
         # SIGTERM: stop listening, let in-flight requests finish for up to this long, then stop backends.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         lifespan="on",

@@ -1,0 +1,122 @@
+"""The two completion endpoints served as plain ASGI, ahead of FastAPI's middleware stack.
+
+Why: `specgate bench overhead` showed the gateway's own request path (app/proxy) as a few percent of its
+CPU and starlette's per-request and per-chunk layers as most of the rest: the error middleware's and the
+exception middleware's `send` wrappers, the router, FastAPI's endpoint wrapper, the request-id wrapper,
+and StreamingResponse's anyio task group (uvicorn speaks ASGI 2.3, so starlette listens for the
+disconnect in a task group per stream). A token streams through every one of those `send` layers.
+
+What stays the same: everything the client sees. The routes stay registered in FastAPI (the OpenAPI
+description, `/docs`); this layer only dispatches `POST /v1/chat/completions` and `POST /v1/completions`
+before them, with the same request id handling (header in, header out, the logging context), the same
+API-key check and 401, the same OpenAI-shaped errors (a GatewayError's status and headers, 500 for a
+bug), and the same client-disconnect behaviour (a watcher on `receive` cancels the stream, which closes
+the upstream socket and stops the backend). Every other path, and every request when CORS is configured
+(whose headers starlette's middleware adds), goes through the FastAPI app as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth import ApiKeyMiddleware, send_refusal
+from app.errors import GatewayError, error_body
+from app.logging_setup import current_request_id
+from app.proxy.handler import CompletionHandler, request_id_for
+from app.proxy.rewrite import Kind
+
+logger = logging.getLogger("specgate")
+
+_KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+class CompletionFastPath:
+    """Outermost ASGI layer: completion POSTs go straight to the handler, the rest to `app`."""
+
+    def __init__(self, app: ASGIApp, handler: Callable[[], CompletionHandler], keys: ApiKeyMiddleware) -> None:
+        self.app = app
+        self.handler = handler
+        # The key check of the regular stack, reused (it holds the live key list that SIGHUP rotates).
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = _KINDS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if kind is None:
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_for(Request(scope))
+        raw_id = request_id.encode("ascii")
+        # The handler (and the backend, through it) reads the id from the headers, as behind the middleware.
+        headers = [(name, value) for name, value in scope["headers"] if name != b"x-request-id"]
+        scope = {**scope, "headers": [*headers, (b"x-request-id", raw_id)]}
+        token = current_request_id.set(request_id)
+        try:
+            reason = self.keys.refusal(scope)
+            if reason is not None:
+                await send_refusal(scope, send, reason, ((b"x-request-id", raw_id),))
+                return
+            response = await self._respond(Request(scope, receive), kind, request_id)
+            if isinstance(response, StreamingResponse):
+                await _stream(response, receive, send)
+            else:
+                await response(scope, receive, send)
+        finally:
+            current_request_id.reset(token)
+
+    async def _respond(self, request: Request, kind: Kind, request_id: str) -> Response:
+        headers = {"x-request-id": request_id}
+        try:
+            return await self.handler().handle(request, kind)
+        except GatewayError as error:
+            return JSONResponse(error.body(), status_code=error.status_code, headers={**error.headers(), **headers})
+        except Exception as error:
+            logger.exception("unexpected error on POST %s", request.url.path)
+            body = error_body(f"internal error: {type(error).__name__}", "internal_error")
+            return JSONResponse(body, status_code=500, headers=headers)
+
+
+async def _stream(response: StreamingResponse, receive: Receive, send: Send) -> None:
+    """Send a streaming response chunk by chunk; a client that leaves cancels the stream at once.
+
+    One watcher task reads `receive` for the disconnect (the only message left once the body is read);
+    when it comes, the stream task is cancelled, so the handler's generator runs its cleanup (closing
+    the upstream socket is what stops mlx_lm.server) exactly as under starlette's task group.
+    """
+    stream_task = asyncio.current_task()
+    assert stream_task is not None
+    client_gone = False
+
+    async def watch() -> None:
+        nonlocal client_gone
+        message: Message = await receive()
+        while message["type"] != "http.disconnect":
+            message = await receive()
+        client_gone = True
+        stream_task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    body = response.body_iterator
+    try:
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        async for chunk in body:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not client_gone:
+            raise
+        stream_task.uncancel()  # our own cancellation: the client left; nothing to answer
+    except OSError:
+        pass  # the socket broke under a write: the client left
+    finally:
+        watcher.cancel()
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
