@@ -145,11 +145,6 @@ def test_chat_streaming_with_usage_equals_non_streaming(client: openai.OpenAI) -
     assert figures == spec_metrics(whole.model_extra)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the usage chunk keeps mlx_lm.server's object 'chat.completion' (for text streams too); the relay "
-    "(app/proxy/relay.py) passes it through. The SDK does not check `object`, so nothing breaks yet.",
-)
 def test_usage_chunk_object_is_openai_s(client: openai.OpenAI) -> None:
     chat = list(
         client.chat.completions.create(

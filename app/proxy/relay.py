@@ -168,6 +168,8 @@ class StreamRewriter:
             if not self.request.client_wants_usage:
                 return None
             chunk.update(self.record.response_extras())
+            # mlx_lm.server labels it "chat.completion" (text streams too); OpenAI's stream chunks say this.
+            chunk["object"] = "chat.completion.chunk" if self.request.kind == "chat" else "text_completion"
             return chunk
         if _chunk_has_output(chunk):
             self.record.mark_token(now)
