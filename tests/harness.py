@@ -59,6 +59,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def fake_model_dir(parent: Path, name: str = "fake-model") -> Path:
+    """A model directory for the fake backend: it loads nothing, but the gateway checks the directory is there."""
+    directory = parent / name
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
 def toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 

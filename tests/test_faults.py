@@ -19,7 +19,17 @@ import httpx
 import pytest
 
 from tests.conftest import TinyPair
-from tests.harness import FAKE_BACKEND, PYTHON, GatewayProcess, chat, read_sse, running_gateway, toml_list, wait_for
+from tests.harness import (
+    FAKE_BACKEND,
+    PYTHON,
+    GatewayProcess,
+    chat,
+    fake_model_dir,
+    read_sse,
+    running_gateway,
+    toml_list,
+    wait_for,
+)
 
 
 def fake_profile(name: str, model_dir: Path, *flags: str, **fields: Any) -> str:
@@ -34,10 +44,7 @@ def fake_profile(name: str, model_dir: Path, *flags: str, **fields: Any) -> str:
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "fake-model"
-    directory.mkdir()
-    (directory / "config.json").write_text("{}")
-    return directory
+    return fake_model_dir(tmp_path)
 
 
 def backend_stats(gateway: GatewayProcess, profile: str) -> dict[str, int]:

@@ -16,7 +16,17 @@ import httpx
 import pytest
 
 from tests.conftest import TinyPair
-from tests.harness import FAKE_BACKEND, GatewayProcess, chat, pid_alive, read_sse, running_gateway, toml_list, wait_for
+from tests.harness import (
+    FAKE_BACKEND,
+    GatewayProcess,
+    chat,
+    fake_model_dir,
+    pid_alive,
+    read_sse,
+    running_gateway,
+    toml_list,
+    wait_for,
+)
 
 
 def real(name: str, model: Path, draft: Path | None = None) -> str:
@@ -33,10 +43,7 @@ def slow(name: str, model_dir: Path, delay: str = "0.05") -> str:
 
 @pytest.fixture
 def fake_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "fake-model"
-    directory.mkdir()
-    (directory / "config.json").write_text("{}")
-    return directory
+    return fake_model_dir(tmp_path)
 
 
 def events_ok(events: list[tuple[float, object]]) -> None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app.testing.tiny_model import write_pair
-from tests.harness import FAKE_BACKEND, GatewayProcess, chat, running_gateway, toml_list, wait_for
+from tests.harness import FAKE_BACKEND, GatewayProcess, chat, fake_model_dir, running_gateway, toml_list, wait_for
 
 SPEC = "speculative/fake"
 BASE = "baseline/fake"
@@ -39,9 +39,7 @@ model = "{model}"
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("logs")
-    model = workdir / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")  # the fake backend loads nothing; the gateway checks it is there
+    model = fake_model_dir(workdir, "model")
     with running_gateway(workdir, fake_profiles(model), {"SPECGATE_LOG_FORMAT": "json"}) as running:
         yield running
 

@@ -17,7 +17,7 @@ import pytest
 
 from app.testing.tiny_model import write_pair
 from tests.conftest import TinyPair
-from tests.harness import FAKE_BACKEND, GatewayProcess, running_gateway, toml_list
+from tests.harness import FAKE_BACKEND, GatewayProcess, fake_model_dir, running_gateway, toml_list
 
 SPEC = "speculative/tiny"
 BASE = "baseline/tiny"
@@ -29,9 +29,7 @@ PROMPT = "Write a function that adds two numbers."
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("sdk")
     main, draft = write_pair(workdir / "tiny", noise=0.02)
-    fake_model = workdir / "fake-model"
-    fake_model.mkdir()
-    (fake_model / "config.json").write_text("{}")
+    fake_model = fake_model_dir(workdir)
     slow = toml_list([*FAKE_BACKEND, "--token-delay", "0.05"])
     profiles = f"""
 [profiles."{SPEC}"]

@@ -17,7 +17,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.debian import ensure_program
-from tests.harness import FAKE_BACKEND, ROOT, GatewayProcess, chat, free_port, running_gateway, toml_list, wait_for
+from tests.harness import (
+    FAKE_BACKEND,
+    ROOT,
+    GatewayProcess,
+    chat,
+    fake_model_dir,
+    free_port,
+    running_gateway,
+    toml_list,
+    wait_for,
+)
 
 # Installing Prometheus on a bare machine takes a while; only the first test pays for it.
 pytestmark = pytest.mark.timeout(900)
@@ -36,9 +46,7 @@ def prometheus_path() -> str:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("prom-gw")
-    model = workdir / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = fake_model_dir(workdir, "model")
     backend = f"backend = {{ command = {toml_list(FAKE_BACKEND)} }}"
     # Two draft lengths sharing one backend, and a baseline: the query must pool them correctly.
     profiles = f"""

@@ -13,7 +13,7 @@ import pytest
 
 from tests.cdp import chromium
 from tests.debian import ensure_program
-from tests.harness import FAKE_BACKEND, GatewayProcess, chat, running_gateway, toml_list
+from tests.harness import FAKE_BACKEND, GatewayProcess, chat, fake_model_dir, running_gateway, toml_list
 
 # Installing Chromium on a bare machine takes minutes; only the first test pays for it.
 pytestmark = pytest.mark.timeout(900)
@@ -30,9 +30,7 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("status")
-    model = workdir / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = fake_model_dir(workdir, "model")
     profiles = f"""
 [profiles."{SPEC}"]
 display_name = "Fake + draft (k=3)"
