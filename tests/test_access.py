@@ -120,6 +120,16 @@ def test_cors_when_origins_are_configured(keyed: GatewayProcess) -> None:
         assert "access-control-allow-origin" not in stranger.headers
         simple = client.get("/v1/models", headers={"origin": "https://app.example", "authorization": f"Bearer {KEY}"})
         assert simple.headers["access-control-allow-origin"] == "https://app.example"
+        # A browser reads a completion (streamed or not) only with the header on the answer itself.
+        for stream in (False, True):
+            completion = client.post(
+                "/v1/chat/completions",
+                json={**chat("hi", "base", max_tokens=2), "stream": stream},
+                headers={"origin": "https://app.example", "authorization": f"Bearer {KEY}"},
+            )
+            assert completion.status_code == 200, completion.text
+            assert completion.headers["access-control-allow-origin"] == "https://app.example"
+            assert completion.headers["x-request-id"]
 
 
 def test_open_gateway_without_keys_and_no_cors_by_default(tiny_pair: TinyPair, tmp_path: Path) -> None:
