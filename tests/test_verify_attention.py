@@ -125,3 +125,22 @@ def test_launcher_on_plain_ops_attention_keeps_greedy_output_and_figures(
             if result.token_ids is not None:
                 assert result.token_ids == tokens
             assert figures(result.specgate) == {name: expected[name] for name in figures(expected)}
+
+
+@pytest.mark.parametrize("mode", ["fused", "unfused"])
+def test_round_cost_command_times_every_size(tiny_pair: TinyPair, mode: str) -> None:
+    """`python -m app.bench.roundcost` (the per-pass timing behind docs/benchmarks.md's H100 diagnosis)."""
+    import re
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "app.bench.roundcost", str(tiny_pair.main), mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    line = rf"^{mode} q=(\d+): growing keys [\d.]+ ms \(max [\d.]+\), repeated shape [\d.]+ ms$"
+    rows = re.findall(line, done.stdout, re.M)
+    assert rows == ["1", "3", "5", "9"], done.stdout
