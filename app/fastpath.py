@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -28,8 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import ApiKeyMiddleware, send_refusal
 from app.errors import GatewayError, error_body
-from app.logging_setup import current_request_id
-from app.proxy.handler import CompletionHandler, request_id_for
+from app.logging_setup import current_request_id, tag_request
+from app.proxy.handler import CompletionHandler
 from app.proxy.rewrite import Kind
 
 logger = logging.getLogger("specgate")
@@ -40,7 +39,7 @@ _KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "c
 class CompletionFastPath:
     """Outermost ASGI layer: completion POSTs go straight to the handler, the rest to `app`."""
 
-    def __init__(self, app: ASGIApp, handler: Callable[[], CompletionHandler], keys: ApiKeyMiddleware) -> None:
+    def __init__(self, app: ASGIApp, handler: CompletionHandler, keys: ApiKeyMiddleware) -> None:
         self.app = app
         self.handler = handler
         # The key check of the regular stack, reused (it holds the live key list that SIGHUP rotates).
@@ -51,16 +50,12 @@ class CompletionFastPath:
         if kind is None:
             await self.app(scope, receive, send)
             return
-        request_id = request_id_for(Request(scope))
-        raw_id = request_id.encode("ascii")
-        # The handler (and the backend, through it) reads the id from the headers, as behind the middleware.
-        headers = [(name, value) for name, value in scope["headers"] if name != b"x-request-id"]
-        scope = {**scope, "headers": [*headers, (b"x-request-id", raw_id)]}
+        scope, request_id = tag_request(scope)
         token = current_request_id.set(request_id)
         try:
             reason = self.keys.refusal(scope)
             if reason is not None:
-                await send_refusal(scope, send, reason, ((b"x-request-id", raw_id),))
+                await send_refusal(scope, send, reason, ((b"x-request-id", request_id.encode("ascii")),))
                 return
             response = await self._respond(Request(scope, receive), kind, request_id)
             if isinstance(response, StreamingResponse):
@@ -73,7 +68,7 @@ class CompletionFastPath:
     async def _respond(self, request: Request, kind: Kind, request_id: str) -> Response:
         headers = {"x-request-id": request_id}
         try:
-            return await self.handler().handle(request, kind)
+            return await self.handler.handle(request, kind)
         except GatewayError as error:
             return JSONResponse(error.body(), status_code=error.status_code, headers={**error.headers(), **headers})
         except Exception as error:

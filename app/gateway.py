@@ -44,10 +44,12 @@ class Gateway:
             RelayTimeouts(first_token=settings.first_token_timeout, inactivity=settings.inactivity_timeout),
             settings.max_body_bytes,
         )
+        # Model value -> its local directory, once resolved present (see model_dir).
+        self._model_dirs: dict[str, str] = {}
         # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
         self.planner = SpeculationPlanner(self.pool, profiles)
         self.handler.planner = self.planner
-        self.handler.model_dir = lambda value: self.resolve(value).path
+        self.handler.model_dir = self.model_dir
         self.handler.observers.append(self.planner.observe)
         self.apply_profiles(profiles)
 
@@ -58,9 +60,21 @@ class Gateway:
     def resolve(self, value: str) -> SourceStatus:
         return describe_source(value, self.settings.model_store)
 
+    def model_dir(self, value: str) -> str | None:
+        """The directory of a present model, for the handler's prompt checks. Resolved once per value:
+        resolving reads the store's manifests, which has no place on every request's path."""
+        known = self._model_dirs.get(value)
+        if known is None:
+            status = self.resolve(value)
+            if not status.present or status.path is None:
+                return None  # not there (yet): asked again next time, so a pull is noticed
+            known = self._model_dirs[value] = status.path
+        return known
+
     def apply_profiles(self, profiles: ProfileSet) -> list[Any]:
         """Switch to a new profile set; returns the slots no profile uses any more."""
         unused = self.pool.configure(profiles)
+        self._model_dirs.clear()  # a reload may point a name at other files
         self.profiles = profiles
         self.handler.profiles = profiles
         self.planner.profiles = profiles

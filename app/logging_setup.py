@@ -89,6 +89,14 @@ def configure_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
 
 
+def tag_request(scope: Scope) -> tuple[Scope, str]:
+    """The request's id (the client's sane X-Request-Id, else a new one) and a copy of `scope` whose only
+    X-Request-Id header is that id, so that the handler and the backend read the same one."""
+    request_id = request_id_for(Request(scope))
+    headers = [(name, value) for name, value in scope["headers"] if name != b"x-request-id"]
+    return {**scope, "headers": [*headers, (b"x-request-id", request_id.encode("ascii"))]}, request_id
+
+
 class RequestIdMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware) so the context variable also covers a streaming body's generator."""
 
@@ -99,11 +107,8 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_for(Request(scope))
+        scope, request_id = tag_request(scope)
         raw = request_id.encode("ascii")
-        headers = [(name, value) for name, value in scope["headers"] if name != b"x-request-id"]
-        scope = dict(scope)
-        scope["headers"] = [*headers, (b"x-request-id", raw)]
 
         async def send_with_id(message: Message) -> None:
             # Every answer names its id, errors included, so a client can quote it in a report.

@@ -91,7 +91,7 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
         # token); with CORS on they keep it, since starlette's middleware adds the CORS headers.
         prefixes = protected_prefixes(settings)
         app.front = lambda stack: CompletionFastPath(
-            stack, lambda: gateway.handler, ApiKeyMiddleware(stack, keys=keys, prefixes=prefixes)
+            stack, gateway.handler, ApiKeyMiddleware(stack, keys=keys, prefixes=prefixes)
         )
     return app
 

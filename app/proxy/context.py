@@ -13,7 +13,6 @@ of fewer UTF-8 bytes than the context cannot fill it and is never tokenized.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +43,9 @@ def prompt_texts(body: dict[str, Any]) -> list[str]:
     return texts
 
 
-# Facts read from disk, by (reader, model directory): after the first request they are at hand on the
-# event loop, without a thread hop per request (a few hundred microseconds on a busy 2-core machine).
+# Facts read from disk, by (reader, model directory): the only cache of them. After the first request they
+# are at hand on the event loop, without a thread hop per request (a few hundred microseconds on a busy
+# 2-core machine). Bounded by the configured models: the gateway passes only present model directories.
 _read: dict[tuple[str, str], Any] = {}
 
 
@@ -62,9 +62,8 @@ def _positive_int(config: Any, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-@functools.lru_cache(maxsize=16)
 def _config_facts(model_dir: str) -> tuple[int | None, int | None]:
-    """(max_position_embeddings, vocab_size) from a local model's config.json, read once."""
+    """(max_position_embeddings, vocab_size) from a local model's config.json (read once, through `_facts`)."""
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
@@ -83,9 +82,8 @@ async def fit_top_k(model_dir: str | None, forward: dict[str, Any]) -> None:
         forward["top_k"] = 0
 
 
-@functools.lru_cache(maxsize=16)
 def _model_facts(model_dir: str) -> tuple[int | None, Any]:
-    """(max_position_embeddings, tokenizer or None) of a local model directory, read once."""
+    """(max_position_embeddings, tokenizer or None) of a local model directory (read once, through `_facts`)."""
     directory = Path(model_dir)
     limit, _ = _config_facts(model_dir)
     tokenizer: Any = None
