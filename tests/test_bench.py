@@ -14,7 +14,7 @@ from app.bench import stats
 from app.bench.cli import parse_k_range
 from app.bench.client import BenchError, Sample
 from app.bench.discrimination import analyze_decisions, decide
-from app.bench.overhead import OverheadConfig, run_overhead
+from app.bench.overhead import OverheadConfig, run_overhead, text_report
 from app.bench.prompts import PromptSetError, load_prompt_set, parse_prompt_file
 from app.bench.results import SweepPoint, SweepResult, analyze, chosen_draft_lengths, first_difference
 from app.bench.runner import BenchConfig, Runner
@@ -288,11 +288,53 @@ def test_overhead_runs_at_a_tiny_scale() -> None:
     for comparison in result.comparisons:
         assert comparison.direct.errors == 0, comparison.direct.first_error
         assert comparison.gateway.errors == 0, comparison.gateway.first_error
+        # The bare relay (the floor) carried every request of every phase, byte for byte.
+        assert comparison.relay is not None
+        assert comparison.relay.errors == 0, comparison.relay.first_error
+        assert len(comparison.relay.e2e) == len(comparison.direct.e2e)
         assert comparison.added_ms("e2e", 50) is not None
+        assert comparison.added_ms("e2e", 50, "relay") is not None
     tiny = result.comparisons[0]
     assert tiny.throughput_ratio is not None
+    assert tiny.ratio("decode") is not None
+    assert tiny.ratio("throughput", "relay") is not None
     assert len(tiny.direct.ttft) == 3
+    # Every relayed answer ended with its usage chunk, so each has a token rate.
+    assert tiny.relay is not None
+    assert len(tiny.relay.throughput) == 3
     goals = result.goals()
     assert len(goals) == 3
+    assert len(result.floors()) == 2  # concurrency 16 was not measured here
     document = result.as_dict()
     assert document["comparisons"][1]["added_e2e_ms"]["p50"] is not None
+    assert document["comparisons"][0]["relay"]["throughput_ratio"] is not None
+    assert "bare relay" in text_report(result)
+
+
+def test_overhead_real_model_phase(tmp_path: Path) -> None:
+    """`--real-model` takes any model value a profile could name; a directory needs no store or download."""
+    from app.testing.tiny_model import write_model
+
+    model = write_model(tmp_path / "real-model")
+    config = OverheadConfig(
+        requests=2,
+        tokens=8,
+        instant_requests=4,
+        instant_tokens=4,
+        concurrency=[1],
+        rounds=1,
+        real_model=str(model),
+        real_requests=2,
+        real_tokens=8,
+        relay=False,
+    )
+    result = run_overhead(config, _quiet)
+    assert [(c.phase, c.concurrency) for c in result.comparisons] == [("tiny", 1), ("instant", 1), ("real", 1)]
+    real = result.comparisons[-1]
+    assert real.direct.errors == 0, real.direct.first_error
+    assert real.gateway.errors == 0, real.gateway.first_error
+    assert real.relay is None
+    assert real.throughput_ratio is not None
+    assert len(result.goals()) == 4
+    assert str(model) in result.goals()[-1][0]
+    assert result.floors() == []

@@ -1,15 +1,21 @@
 """`specgate bench overhead`: what the gateway adds, measured in one run against the same backends.
 
-Two phases, each sending the same request stream directly to a backend and through the gateway,
-alternating so that machine noise falls on both paths alike:
+Each phase sends the same request stream directly to a backend, through the gateway, and through a bare
+byte relay (app/bench/relay.py), rotating the order so that machine noise falls on every path alike:
 
 1. a real backend (the launcher on a tiny model, ~1000 tokens/sec): time to first token and token
    throughput, one request at a time;
 2. the fake backend in instant mode: requests/sec and latency at several concurrencies, where nothing
-   but the gateway's own work separates the two paths.
+   but the proxy's own work separates the paths;
+3. with `--real-model`, a real model from the store (the default profiles' 1.5B, say): token throughput
+   where a token takes as long as it does in use.
+
+The relay is the floor: what one more hop costs on this machine (a second connection; per chunk a read,
+a write and a process wake-up) with no work at all done in it. Gateway minus relay is what the
+gateway's own code costs.
 
 The direct path sends what the gateway would send (`"model": "default_model"`, streaming with usage),
-so both paths carry the same bytes from the backend.
+so every path carries the same bytes from the backend.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 from app.bench import machine
 from app.bench.client import BenchError
-from app.bench.local import INSTANT, TINY, LocalGateway, local_gateway
+from app.bench.local import INSTANT, REAL, TINY, LocalGateway, local_gateway
 from app.bench.rawhttp import Timing, post_stream
 from app.bench.stats import percentile
 
@@ -43,6 +49,12 @@ class OverheadConfig:
     instant_tokens: int = 16
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     rounds: int = 4
+    # A profile's model value (`catalog:NAME`, a directory, `gguf:PATH`) for phase 3; None skips it.
+    real_model: str | None = None
+    real_requests: int = 6
+    real_tokens: int = 32
+    # The bare relay as a third path (the floor); off only to save time.
+    relay: bool = True
 
 
 @dataclass
@@ -55,6 +67,7 @@ class PathFigures:
     ttft: list[float]
     e2e: list[float]
     throughput: list[float]
+    decode: list[float]
     first_error: str | None = None
 
     @classmethod
@@ -68,6 +81,7 @@ class PathFigures:
             ttft=[t.ttft for t in good if t.ttft is not None],
             e2e=[t.e2e for t in good],
             throughput=[t.throughput for t in good if t.throughput is not None],
+            decode=[t.decode_rate for t in good if t.decode_rate is not None],
             first_error=errors[0] if errors else None,
         )
 
@@ -79,6 +93,7 @@ class PathFigures:
             self.ttft + other.ttft,
             self.e2e + other.e2e,
             self.throughput + other.throughput,
+            self.decode + other.decode,
             self.first_error or other.first_error,
         )
 
@@ -98,6 +113,7 @@ class PathFigures:
             "ttft_ms": {"p50": self.ms(self.ttft, 50), "p99": self.ms(self.ttft, 99)},
             "e2e_ms": {"p50": self.ms(self.e2e, 50), "p99": self.ms(self.e2e, 99)},
             "tokens_per_second_p50": percentile(self.throughput, 50) if self.throughput else None,
+            "decode_tokens_per_second_p50": percentile(self.decode, 50) if self.decode else None,
         }
 
 
@@ -107,17 +123,32 @@ class Comparison:
     concurrency: int
     direct: PathFigures
     gateway: PathFigures
+    # The bare relay (the floor of any proxy hop), when it was measured.
+    relay: PathFigures | None = None
 
-    def added_ms(self, metric: str, q: float) -> float | None:
+    def _path(self, path: str) -> PathFigures | None:
+        return {"gateway": self.gateway, "relay": self.relay}[path]
+
+    def added_ms(self, metric: str, q: float, path: str = "gateway") -> float | None:
+        via = self._path(path)
+        if via is None:
+            return None
         direct = self.direct.ms(getattr(self.direct, metric), q)
-        gateway = self.gateway.ms(getattr(self.gateway, metric), q)
-        return None if direct is None or gateway is None else gateway - direct
+        through = via.ms(getattr(via, metric), q)
+        return None if direct is None or through is None else through - direct
+
+    def ratio(self, metric: str, path: str = "gateway") -> float | None:
+        """Median of `metric` (throughput or decode) through `path`, over the direct path's."""
+        via = self._path(path)
+        direct_values = getattr(self.direct, metric)
+        via_values = getattr(via, metric) if via is not None else []
+        if not direct_values or not via_values:
+            return None
+        return percentile(via_values, 50) / percentile(direct_values, 50)
 
     @property
     def throughput_ratio(self) -> float | None:
-        if not self.direct.throughput or not self.gateway.throughput:
-            return None
-        return percentile(self.gateway.throughput, 50) / percentile(self.direct.throughput, 50)
+        return self.ratio("throughput")
 
     @property
     def rps_ratio(self) -> float | None:
@@ -125,7 +156,7 @@ class Comparison:
         return gateway / direct if direct and gateway is not None else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "phase": self.phase,
             "concurrency": self.concurrency,
             "direct": self.direct.as_dict(),
@@ -133,8 +164,18 @@ class Comparison:
             "added_ttft_ms": {"p50": self.added_ms("ttft", 50), "p99": self.added_ms("ttft", 99)},
             "added_e2e_ms": {"p50": self.added_ms("e2e", 50), "p99": self.added_ms("e2e", 99)},
             "throughput_ratio": self.throughput_ratio,
+            "decode_ratio": self.ratio("decode"),
             "requests_per_second_ratio": self.rps_ratio,
         }
+        if self.relay is not None:
+            document["relay"] = {
+                **self.relay.as_dict(),
+                "added_ttft_ms": {"p50": self.added_ms("ttft", 50, "relay"), "p99": self.added_ms("ttft", 99, "relay")},
+                "added_e2e_ms": {"p50": self.added_ms("e2e", 50, "relay"), "p99": self.added_ms("e2e", 99, "relay")},
+                "throughput_ratio": self.ratio("throughput", "relay"),
+                "decode_ratio": self.ratio("decode", "relay"),
+            }
+        return document
 
 
 @dataclass
@@ -149,17 +190,41 @@ class OverheadResult:
         return next((c for c in self.comparisons if c.phase == phase and c.concurrency == concurrency), None)
 
     def goals(self) -> list[tuple[str, float | None, bool | None]]:
-        """(goal, measured value, met?) for the three goals of the default path."""
-        c1, c16, real = self.find(INSTANT, 1), self.find(INSTANT, 16), self.find(TINY, 1)
+        """(goal, measured value, met?) for the goals of the default path; a real model adds one."""
+        c1, c16, tiny = self.find(INSTANT, 1), self.find(INSTANT, 16), self.find(TINY, 1)
         p50 = c1.added_ms("e2e", 50) if c1 else None
         p99 = c16.added_ms("e2e", 99) if c16 else None
-        ratio = real.throughput_ratio if real else None
+        ratio = tiny.throughput_ratio if tiny else None
         p50_goal, p99_goal, ratio_goal = GOAL_ADDED_P50_C1_MS, GOAL_ADDED_P99_C16_MS, GOAL_THROUGHPUT_RATIO
-        return [
+        goals = [
             (f"added latency p50 at concurrency 1 < {p50_goal} ms", p50, _below(p50, p50_goal)),
             (f"added latency p99 at concurrency 16 < {p99_goal} ms", p99, _below(p99, p99_goal)),
-            (f"token throughput >= {ratio_goal:.0%} of direct", ratio, _above(ratio, ratio_goal)),
+            (f"token throughput >= {ratio_goal:.0%} of direct (tiny model)", ratio, _above(ratio, ratio_goal)),
         ]
+        real = self.find(REAL, 1)
+        if real is not None:
+            real_ratio = real.throughput_ratio
+            goal = f"token throughput >= {ratio_goal:.0%} of direct (real model {self.config.real_model})"
+            goals.append((goal, real_ratio, _above(real_ratio, ratio_goal)))
+        return goals
+
+    def floors(self) -> list[str]:
+        """What the bare relay cost on the same figures: the part of each that no proxy avoids here."""
+        lines = []
+        c1, c16, tiny = self.find(INSTANT, 1), self.find(INSTANT, 16), self.find(TINY, 1)
+        if c1 is not None and c1.relay is not None:
+            lines.append(
+                f"bare relay, added latency p50 at concurrency 1: {_fmt(c1.added_ms('e2e', 50, 'relay'), 3)} ms"
+            )
+        if c16 is not None and c16.relay is not None:
+            lines.append(
+                f"bare relay, added latency p99 at concurrency 16: {_fmt(c16.added_ms('e2e', 99, 'relay'), 3)} ms"
+            )
+        if tiny is not None and tiny.relay is not None:
+            lines.append(
+                f"bare relay, token throughput of direct (tiny model): {_fmt(tiny.ratio('throughput', 'relay'), 3)}"
+            )
+        return lines
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +234,7 @@ class OverheadResult:
             "load_average_after": self.load_after,
             "comparisons": [c.as_dict() for c in self.comparisons],
             "goals": [{"goal": goal, "value": value, "met": met} for goal, value, met in self.goals()],
+            "floors": self.floors(),
         }
 
 
@@ -217,79 +283,84 @@ async def _batch(target: Target, count: int, concurrency: int) -> tuple[list[Tim
     return timings, time.perf_counter() - started
 
 
-async def sequential_phase(direct: Target, gateway: Target, count: int, progress: Progress) -> Comparison:
-    """One request at a time, alternating the path and which path goes first."""
-    results: dict[str, list[Timing]] = {"direct": [], "gateway": []}
-    seconds = {"direct": 0.0, "gateway": 0.0}
+def _rotated(paths: dict[str, Target], index: int) -> list[tuple[str, Target]]:
+    """The paths in an order that starts one later each time, so no path always goes first."""
+    items = list(paths.items())
+    shift = index % len(items)
+    return items[shift:] + items[:shift]
+
+
+def _comparison(phase: str, concurrency: int, figures: dict[str, PathFigures]) -> Comparison:
+    return Comparison(phase, concurrency, figures["direct"], figures["gateway"], figures.get("relay"))
+
+
+async def sequential_phase(
+    phase: str, paths: dict[str, Target], count: int, progress: Progress, label: str = "real backend"
+) -> Comparison:
+    """One request at a time, rotating the path and which path goes first."""
+    results: dict[str, list[Timing]] = {name: [] for name in paths}
+    seconds = dict.fromkeys(paths, 0.0)
     for index in range(count):
-        order = [("direct", direct), ("gateway", gateway)]
-        for name, target in order if index % 2 == 0 else order[::-1]:
+        for name, target in _rotated(paths, index):
             timings, elapsed = await _batch(target, 1, 1)
             results[name] += timings
             seconds[name] += elapsed
         if (index + 1) % max(1, count // 4) == 0:
-            progress(f"overhead: real backend, {index + 1}/{count} request pairs")
-    return Comparison(
-        TINY,
-        1,
-        PathFigures.from_timings(results["direct"], seconds["direct"]),
-        PathFigures.from_timings(results["gateway"], seconds["gateway"]),
-    )
+            progress(f"overhead: {label}, {index + 1}/{count} request rounds")
+    figures = {name: PathFigures.from_timings(results[name], seconds[name]) for name in paths}
+    return _comparison(phase, 1, figures)
 
 
 async def concurrent_phase(
-    direct: Target, gateway: Target, count: int, concurrency: int, rounds: int, progress: Progress
+    paths: dict[str, Target], count: int, concurrency: int, rounds: int, progress: Progress
 ) -> Comparison:
-    figures: dict[str, PathFigures | None] = {"direct": None, "gateway": None}
+    figures: dict[str, PathFigures] = {}
     per_round = max(1, count // rounds)
     for round_index in range(rounds):
-        order = [("direct", direct), ("gateway", gateway)]
-        for name, target in order if round_index % 2 == 0 else order[::-1]:
+        for name, target in _rotated(paths, round_index):
             timings, elapsed = await _batch(target, per_round, concurrency)
             part = PathFigures.from_timings(timings, elapsed)
-            previous = figures[name]
-            figures[name] = part if previous is None else previous.merge(part)
-    direct_figures, gateway_figures = figures["direct"], figures["gateway"]
-    assert direct_figures is not None
-    assert gateway_figures is not None
-    comparison = Comparison(INSTANT, concurrency, direct_figures, gateway_figures)
-    progress(
-        f"overhead: instant backend, concurrency {concurrency}: "
-        f"{direct_figures.requests_per_second or 0:.0f} req/s direct, "
-        f"{gateway_figures.requests_per_second or 0:.0f} req/s through the gateway"
-    )
+            figures[name] = part if name not in figures else figures[name].merge(part)
+    comparison = _comparison(INSTANT, concurrency, figures)
+    rates = ", ".join(f"{figures[name].requests_per_second or 0:.0f} req/s {name}" for name in paths)
+    progress(f"overhead: instant backend, concurrency {concurrency}: {rates}")
     return comparison
 
 
-async def measure(local: LocalGateway, config: OverheadConfig, progress: Progress) -> list[Comparison]:
+def _paths(local: LocalGateway, profile: str, tokens: int, relay: bool) -> dict[str, Target]:
+    via, direct = bodies(profile, tokens)
     gateway_port = int(local.url.rsplit(":", 1)[1])
+    paths = {"direct": Target(local.backend_ports[profile], direct), "gateway": Target(gateway_port, via)}
+    if relay and profile in local.relay_ports:
+        paths["relay"] = Target(local.relay_ports[profile], direct)
+    return paths
+
+
+async def measure(local: LocalGateway, config: OverheadConfig, progress: Progress) -> list[Comparison]:
     comparisons = []
-    via, direct = bodies(TINY, config.tokens)
+    tiny = _paths(local, TINY, config.tokens, config.relay)
     # Untimed first requests: connection set-up paths, caches, the tiny model's first compile.
-    await sequential_phase(Target(local.backend_ports[TINY], direct), Target(gateway_port, via), 5, lambda _: None)
-    comparisons.append(
-        await sequential_phase(
-            Target(local.backend_ports[TINY], direct), Target(gateway_port, via), config.requests, progress
-        )
-    )
-    via, direct = bodies(INSTANT, config.instant_tokens)
+    await sequential_phase(TINY, tiny, 5, lambda _: None)
+    comparisons.append(await sequential_phase(TINY, tiny, config.requests, progress))
+    instant = _paths(local, INSTANT, config.instant_tokens, config.relay)
     for concurrency in config.concurrency:
         comparisons.append(
-            await concurrent_phase(
-                Target(local.backend_ports[INSTANT], direct),
-                Target(gateway_port, via),
-                config.instant_requests,
-                concurrency,
-                config.rounds,
-                progress,
-            )
+            await concurrent_phase(instant, config.instant_requests, concurrency, config.rounds, progress)
         )
+    if config.real_model is not None:
+        # Direct and gateway only: the floor says nothing new where a token takes tens of milliseconds.
+        real = _paths(local, REAL, config.real_tokens, relay=False)
+        await sequential_phase(REAL, real, 1, lambda _: None)
+        label = f"real model {config.real_model}"
+        comparisons.append(await sequential_phase(REAL, real, config.real_requests, progress, label))
     return comparisons
 
 
 def run_overhead(config: OverheadConfig, progress: Progress, env: dict[str, str] | None = None) -> OverheadResult:
     progress("overhead: starting a gateway with a tiny model and the instant fake backend on loopback")
-    with local_gateway(env=env) as local:
+    if config.real_model is not None:
+        progress(f"overhead: the real model {config.real_model} loads from the model store first")
+    with local_gateway(env=env, real_model=config.real_model, relays=config.relay) as local:
         load_before = machine.load_average()
         comparisons = asyncio.run(measure(local, config, progress))
         load_after = machine.load_average()
@@ -308,6 +379,9 @@ def _p50_p99(figures: PathFigures, metric: str) -> str:
     return f"{_fmt(figures.ms(values, 50))} / {_fmt(figures.ms(values, 99))}"
 
 
+_LABELS = {TINY: "tiny model (TTFT)", INSTANT: "instant fake (latency)", REAL: "real model (TTFT)"}
+
+
 def overhead_rows(result: OverheadResult) -> list[list[str]]:
     rows = [
         [
@@ -317,25 +391,36 @@ def overhead_rows(result: OverheadResult) -> list[list[str]]:
             "GATEWAY P50/P99 MS",
             "ADDED P50 MS",
             "ADDED P99 MS",
+            "RELAY ADDED P50/P99",
             "REQ/S DIRECT",
             "REQ/S GATEWAY",
             "TOK/S RATIO",
+            "DECODE RATIO",
+            "RELAY TOK/S RATIO",
         ]
     ]
     for c in result.comparisons:
-        metric = "ttft" if c.phase == TINY else "e2e"
-        label = "tiny model (TTFT)" if c.phase == TINY else "instant fake (latency)"
+        metric = "e2e" if c.phase == INSTANT else "ttft"
+        relay = (
+            "-"
+            if c.relay is None
+            else f"{_fmt(c.added_ms(metric, 50, 'relay'), 3)} / {_fmt(c.added_ms(metric, 99, 'relay'), 3)}"
+        )
         rows.append(
             [
-                label,
+                _LABELS[c.phase],
                 str(c.concurrency),
                 _p50_p99(c.direct, metric),
                 _p50_p99(c.gateway, metric),
                 _fmt(c.added_ms(metric, 50), 3),
                 _fmt(c.added_ms(metric, 99), 3),
-                _fmt(c.direct.requests_per_second, 0),
-                _fmt(c.gateway.requests_per_second, 0),
-                _fmt(c.throughput_ratio, 3),
+                relay,
+                _fmt(c.direct.requests_per_second, 0 if c.phase != REAL else 2),
+                _fmt(c.gateway.requests_per_second, 0 if c.phase != REAL else 2),
+                # An instant answer has no pace of its own: its token rates only restate its latency.
+                _fmt(c.throughput_ratio, 3) if c.phase != INSTANT else "-",
+                _fmt(c.ratio("decode"), 3) if c.phase != INSTANT else "-",
+                _fmt(c.ratio("throughput", "relay"), 3) if c.phase != INSTANT else "-",
             ]
         )
     return rows
@@ -346,11 +431,14 @@ def goal_lines(result: OverheadResult) -> list[str]:
     for goal, value, met in result.goals():
         verdict = "n/a" if met is None else ("met" if met else "NOT met")
         lines.append(f"{goal}: {_fmt(value, 3)} -> {verdict}")
-    errors = [c for c in result.comparisons if c.direct.errors or c.gateway.errors]
+    lines.extend(result.floors())
+    errors = [c for c in result.comparisons if c.direct.errors or c.gateway.errors or (c.relay and c.relay.errors)]
     for c in errors:
+        relay_errors = c.relay.errors if c.relay else 0
+        first = c.gateway.first_error or c.direct.first_error or (c.relay.first_error if c.relay else None)
         lines.append(
-            f"errors at {c.phase}/{c.concurrency}: direct {c.direct.errors}, gateway {c.gateway.errors} "
-            f"({c.gateway.first_error or c.direct.first_error})"
+            f"errors at {c.phase}/{c.concurrency}: direct {c.direct.errors}, gateway {c.gateway.errors}, "
+            f"relay {relay_errors} ({first})"
         )
     lines.append(f"load average before {result.load_before}, after {result.load_after}")
     return lines
@@ -392,6 +480,10 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         instant_tokens=args.instant_tokens,
         concurrency=args.concurrency,
         rounds=args.rounds,
+        real_model=args.real_model,
+        real_requests=args.real_requests,
+        real_tokens=args.real_tokens,
+        relay=not args.no_relay,
     )
 
     def progress(line: str) -> None:
@@ -416,7 +508,8 @@ def register(commands: Any) -> None:
         "overhead",
         help="what the gateway adds: the same requests sent directly to a backend and through the gateway",
         description="Starts its own gateway on loopback with a tiny generated model and the instant fake "
-        "backend, then sends the same request stream directly and through the gateway, alternating.",
+        "backend, then sends the same request stream directly, through the gateway and through a bare byte "
+        "relay (the floor of any proxy hop), rotating the order.",
     )
     parser.add_argument("--requests", type=int, default=200, help="request pairs to the tiny model (default 200)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per tiny-model answer (default 64)")
@@ -425,7 +518,18 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("--instant-tokens", type=int, default=16, help="tokens per instant answer (default 16)")
     parser.add_argument("--concurrency", type=_concurrency, default=[1, 4, 16], help="default 1,4,16")
-    parser.add_argument("--rounds", type=int, default=4, help="alternations of the two paths per concurrency")
+    parser.add_argument("--rounds", type=int, default=4, help="rotations of the paths per concurrency")
+    parser.add_argument(
+        "--real-model",
+        metavar="MODEL",
+        help="also measure token throughput on a real model already in the store, as a profile names it "
+        "(e.g. catalog:qwen2.5-coder-1.5b-instruct); minutes on a CPU",
+    )
+    parser.add_argument("--real-requests", type=int, default=6, help="request pairs to the real model (default 6)")
+    parser.add_argument("--real-tokens", type=int, default=32, help="tokens per real-model answer (default 32)")
+    parser.add_argument(
+        "--no-relay", action="store_true", help="skip the bare relay (the floor of any proxy hop on this machine)"
+    )
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE")
     parser.add_argument("--markdown", nargs="?", const="-", metavar="FILE")
     parser.set_defaults(func=cmd_overhead)

@@ -33,7 +33,15 @@ class Timing:
 
     @property
     def throughput(self) -> float | None:
+        """Tokens per second of the whole request, first token's wait included."""
         return self.tokens / self.e2e if self.ok and self.e2e > 0 and self.tokens else None
+
+    @property
+    def decode_rate(self) -> float | None:
+        """Tokens per second after the first one arrived: the stream's own pace."""
+        if not self.ok or self.ttft is None or self.tokens < 2 or self.e2e <= self.ttft:
+            return None
+        return (self.tokens - 1) / (self.e2e - self.ttft)
 
 
 def _dechunk(raw: bytes) -> bytes:
