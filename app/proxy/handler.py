@@ -8,13 +8,12 @@ stops within a few tokens).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import httpx
@@ -62,23 +61,33 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def race_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+async def race_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first.
+
+    `work` runs in the calling task; one watcher task reads `receive` and cancels the caller when the
+    disconnect comes. (Running `work` as a task of its own and waiting on both cost a second task and
+    asyncio.wait's futures on every request.)
+    """
+    caller = asyncio.current_task()
+    assert caller is not None
+    client_gone = False
+
+    async def watch() -> None:
+        nonlocal client_gone
+        await _wait_disconnect(request)
+        client_gone = True
+        caller.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
-        raise
+        if not client_gone:
+            raise
+        caller.uncancel()  # our own cancellation: the client left
+        raise ClientGone("the client disconnected") from None
     finally:
         watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientGone("the client disconnected")
 
 
 async def read_json_body(request: Request, limit: int) -> Any:
