@@ -34,6 +34,7 @@ from app.backends.logs import BackendLog, pump_stream
 from app.errors import BackendStartFailed, ModelUnavailable
 from app.models.sources import SourceStatus
 from app.profiles import BackendSpec
+from app.proxy.upstream import Preconnected
 
 logger = logging.getLogger("specgate.backend")
 
@@ -121,6 +122,8 @@ class Backend:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected_exit = False
+        # The next request's connection, opened ahead (app/proxy/upstream.py); only while READY.
+        self.connections: Preconnected | None = None
 
     # ----- public API ---------------------------------------------------------------------
 
@@ -200,6 +203,7 @@ class Backend:
             self.state = BackendState.STOPPED
             raise
         self.state = BackendState.READY
+        self.connections = Preconnected("127.0.0.1", self.port) if self.port is not None else None
         self.ready_at = time.monotonic()
         if self.load_seconds is None and self.started_at is not None:
             self.load_seconds = self.ready_at - self.started_at
@@ -266,6 +270,7 @@ class Backend:
             return
         reason = f"exited with code {code}"
         self.log.append("gateway", f"backend {reason}")
+        self._close_connections()
         if self.state is BackendState.READY:
             self._record_crash(reason)
             self.state = BackendState.FAILED
@@ -353,12 +358,19 @@ class Backend:
         await self._kill_and_wait()
         self.state = BackendState.FAILED if was_failed and reason == "restarting" else BackendState.STOPPED
 
+    def _close_connections(self) -> None:
+        if self.connections is not None:
+            self.connections.close()
+            self.connections = None
+
     def _kill_now(self) -> None:
+        self._close_connections()
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
 
     async def _kill_and_wait(self) -> None:
+        self._close_connections()
         process = self.process
         if process is None:
             return

@@ -77,7 +77,10 @@ async def open_upstream(
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     try:
         # Reads are bounded per chunk by the relay (first token vs. between tokens), not here.
-        response = await upstream_http.post(host, int(port), request.path, dumps(request.body), headers)
+        connect = backend.connections.take if backend.connections is not None else None
+        response = await upstream_http.post(
+            host, int(port), request.path, dumps(request.body), headers, connect=connect
+        )
     except UpstreamError as error:
         raise BackendDied(f"backend {backend.name} is unreachable: {error}") from error
     if response.status_code != 200:

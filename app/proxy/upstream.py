@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 READ_SIZE = 65536
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class UpstreamError(Exception):
@@ -116,6 +117,69 @@ class UpstreamResponse:
             await self._writer.wait_closed()
 
 
+class Preconnected:
+    """Keeps one connection to a backend open ahead of the request that will use it.
+
+    Why: the backends are HTTP/1.0 servers that accept a connection and start a thread for it before they
+    read a byte, and a request can use a connection only once. Opening the next request's connection
+    while the current one runs takes the connect, the accept and the thread start off the next request's
+    path (the bench's figures: `specgate bench overhead`, docs/benchmarks.md). A spare that the backend
+    closed meanwhile is seen at its EOF and replaced by a fresh connect; the backend's owner closes this
+    when it stops the process, so no spare outlives its backend.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._spare: asyncio.Task[Connection] | None = None
+        self._closed = False
+
+    async def _connect(self) -> Connection:
+        return await asyncio.open_connection(self.host, self.port, limit=READ_SIZE)
+
+    def _refill(self) -> None:
+        if self._closed:
+            return
+        spare = asyncio.get_running_loop().create_task(self._connect())
+        # A spare that fails to connect (the backend went away) is only dropped: retrieve its error.
+        spare.add_done_callback(lambda task: task.cancelled() or task.exception())
+        self._spare = spare
+
+    @staticmethod
+    def _alive(spare: asyncio.Task[Connection]) -> Connection | None:
+        if spare.cancelled() or spare.exception() is not None:
+            return None
+        reader, writer = spare.result()
+        if writer.is_closing() or reader.at_eof():
+            writer.close()
+            return None
+        return reader, writer
+
+    async def take(self) -> Connection:
+        """The spare connection when it is open and alive, else a fresh one; a new spare follows."""
+        spare = self._spare
+        if spare is None:
+            self._refill()
+        elif spare.done():
+            self._spare = None
+            self._refill()
+            connection = self._alive(spare)
+            if connection is not None:
+                return connection
+        # A spare still connecting stays for the next request; this one connects on its own.
+        return await self._connect()
+
+    def close(self) -> None:
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        if not spare.done():
+            spare.cancel()
+        elif (connection := self._alive(spare)) is not None:
+            connection[1].close()
+
+
 def _request_bytes(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
@@ -143,15 +207,20 @@ async def post(
     headers: dict[str, str],
     connect_timeout: float = 10.0,
     write_timeout: float = 30.0,
+    connect: Callable[[], Awaitable[Connection]] | None = None,
 ) -> UpstreamResponse:
     """Send one POST and return once the status line and headers are in (the backend's first byte).
 
+    `connect` supplies the connection (a backend's Preconnected.take); without it, a fresh one.
     The wait for the status line is not bounded here: a backend busy with another request (a draft
     model serves one at a time) sends nothing until it starts this one; the relay bounds the silence.
     """
     try:
         async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
+            if connect is not None:
+                reader, writer = await connect()
+            else:
+                reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
     except (OSError, TimeoutError) as error:
         raise UpstreamError(f"{type(error).__name__}: {error}") from error
     try:
