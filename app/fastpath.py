@@ -29,7 +29,6 @@ from app.auth import ApiKeyMiddleware, send_refusal
 from app.errors import GatewayError, error_body
 from app.logging_setup import current_request_id, tag_request
 from app.proxy.handler import CompletionHandler
-from app.proxy.relay import DONE
 from app.proxy.rewrite import Kind
 
 logger = logging.getLogger("specgate")
@@ -99,21 +98,14 @@ async def _stream(response: StreamingResponse, receive: Receive, send: Send) -> 
 
     watcher = asyncio.create_task(watch())
     body = response.body_iterator
-    ended = False
     try:
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
         async for chunk in body:
-            if ended:
-                continue  # nothing follows `[DONE]`; the generator only finishes its bookkeeping
-            # `[DONE]` is the last event: it ends the response in the same write, and the handler's
-            # bookkeeping (log line, metrics) runs after the client has its whole answer. The watcher
-            # goes first: once the response is complete, uvicorn answers `receive` with a disconnect.
-            ended = isinstance(chunk, bytes) and chunk.endswith(DONE)
-            if ended:
-                watcher.cancel()
-            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
-        if not ended:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # The end goes after the handler's bookkeeping (log line, metrics), so a client that has read the
+        # whole response finds the request in /metrics. (Ending the response with the `[DONE]` write
+        # saved a write per request but broke that order; tests scrape right after a response.)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
         if not client_gone:
             raise
