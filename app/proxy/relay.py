@@ -148,19 +148,6 @@ def _chunk_has_output(chunk: dict[str, Any]) -> bool:
     return False
 
 
-# Byte patterns of a token chunk as mlx_lm.server writes it (`json.dumps`, default separators). In valid JSON
-# a `"` inside a string is always escaped, so none of these can match inside a string value: a match is
-# the key itself. The upstream model is always "default_model" (app/proxy/rewrite.py).
-_UPSTREAM_MODEL = b'"model": "default_model"'
-_NOT_FINISHED = b'"finish_reason": null'
-_REPEATED_ROLE = b'"delta": {"role": "assistant", '
-_ROLE_ONLY = b'"delta": {"role": "assistant"}'
-_DELTA = b'"delta": {'
-# Anything whose handling needs the parsed chunk (usage, errors, tool calls, reasoning) takes the JSON path.
-_NEEDS_PARSING = (b'"usage"', b'"error"', b'"tool_calls"', b'"reasoning"', b'"specgate"')
-_OUTPUT_KEYS = ((b'"content": "', b'"content": ""'), (b'"text": "', b'"text": ""'))
-
-
 @dataclass
 class StreamRewriter:
     """Turns backend chunks into what the client is owed, recording as it goes."""
@@ -169,41 +156,6 @@ class StreamRewriter:
     record: RequestRecord
     client_model: str
     _role_sent: bool = False
-    _client_model_field: bytes = b""
-
-    def __post_init__(self) -> None:
-        self._client_model_field = b'"model": ' + dumps(self.client_model)
-
-    def rewrite_token_chunk(self, payload: bytes, now: float) -> bytes | None:
-        """A plain token chunk rewritten as bytes, or None when it must be parsed (`rewrite`).
-
-        Why: a token chunk changes in two places only (the model name; the role that mlx repeats in every
-        delta), and parsing and re-serialising each one was most of the gateway's own work per token
-        (`specgate bench overhead`, docs/benchmarks.md). The final chunk (a finish reason), the usage
-        chunk, errors, tool calls and anything not shaped as expected go through `rewrite` as before.
-        """
-        if payload.count(_UPSTREAM_MODEL) != 1 or _NOT_FINISHED not in payload:
-            return None
-        if any(key in payload for key in _NEEDS_PARSING):
-            return None
-        if payload.count(b'"index": ') != 1:
-            return None  # more than one choice: not a shape mlx sends
-        out = payload.replace(_UPSTREAM_MODEL, self._client_model_field, 1)
-        if _DELTA in out:
-            if self._role_sent:
-                if _REPEATED_ROLE in out:
-                    out = out.replace(_REPEATED_ROLE, _DELTA, 1)
-                elif _ROLE_ONLY in out:
-                    out = out.replace(_ROLE_ONLY, b'"delta": {}', 1)
-                elif b'"role"' in out:
-                    return None
-            elif _REPEATED_ROLE in out or _ROLE_ONLY in out:
-                self._role_sent = True
-            elif b'"role"' in out:
-                return None
-        if any(key in out and empty not in out for key, empty in _OUTPUT_KEYS):
-            self.record.mark_token(now)
-        return out
 
     def absorb_usage(self, chunk: dict[str, Any]) -> None:
         self.record.absorb_usage(chunk.get("usage") or {})
@@ -250,10 +202,6 @@ def _relay_batch(payloads: list[bytes], rewriter: StreamRewriter, now: float, ou
         if payload == b"[DONE]":
             out.append(DONE)
             return True
-        fast = rewriter.rewrite_token_chunk(payload, now)
-        if fast is not None:
-            out.append(b"data: " + fast + b"\n\n")
-            continue
         chunk = _parse_chunk(payload)
         if chunk is None:
             continue
