@@ -53,6 +53,15 @@ async def _settle() -> None:
         await asyncio.sleep(0.01)
 
 
+async def _served_once() -> tuple[Server, Preconnected]:
+    """A server, and connections to it whose first request is done and whose spare is open."""
+    server = Server()
+    connections = Preconnected("127.0.0.1", await server.start())
+    assert await _exchange(await connections.take(), b"one") == b"echo one\n"
+    await _settle()
+    return server, connections
+
+
 def test_spare_is_opened_ahead_and_used_by_the_next_request() -> None:
     async def scenario() -> None:
         server = Server()
@@ -76,11 +85,7 @@ def test_spare_is_opened_ahead_and_used_by_the_next_request() -> None:
 
 def test_a_spare_the_server_closed_is_replaced_by_a_fresh_connection() -> None:
     async def scenario() -> None:
-        server = Server()
-        port = await server.start()
-        connections = Preconnected("127.0.0.1", port)
-        await _exchange(await connections.take(), b"one")
-        await _settle()
+        server, connections = await _served_once()
         # The backend closes the idle spare (a restart would): the next request must not get it.
         spare_side = server.accepted[-1]
         spare_side.close()
@@ -113,11 +118,7 @@ def test_a_spare_still_connecting_stays_for_the_next_request() -> None:
 
 def test_close_closes_the_spare_and_stops_refilling() -> None:
     async def scenario() -> None:
-        server = Server()
-        port = await server.start()
-        connections = Preconnected("127.0.0.1", port)
-        await _exchange(await connections.take(), b"one")
-        await _settle()
+        server, connections = await _served_once()
         accepted = len(server.accepted)
         connections.close()
         await _settle()
@@ -134,11 +135,7 @@ def test_close_closes_the_spare_and_stops_refilling() -> None:
 
 def test_a_backend_that_is_gone_fails_the_take_and_the_spare_error_is_kept_quiet() -> None:
     async def scenario() -> None:
-        server = Server()
-        port = await server.start()
-        connections = Preconnected("127.0.0.1", port)
-        await _exchange(await connections.take(), b"one")
-        await _settle()
+        server, connections = await _served_once()
         for writer in server.accepted:
             writer.close()
         await server.stop()
