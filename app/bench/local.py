@@ -132,7 +132,8 @@ def local_gateway(
 
     `real_model` (a profile's model value: `catalog:NAME`, a directory, `gguf:PATH`) adds a profile of
     that model, read from the user's model store, which must already hold it (nothing is downloaded
-    here). `relays` puts a bare byte relay in front of each backend as well.
+    here). `relays` puts a bare byte relay in front of the tiny and instant backends as well (the real
+    model's phase measures no floor).
     """
     from app.settings import default_model_store
     from app.testing.tiny_model import write_model
@@ -165,7 +166,7 @@ def local_gateway(
             names = [TINY, INSTANT] + ([REAL] if real_model else [])
             ports = {name: _start_backend(url, name) for name in names}
             relay_ports = {}
-            for name in names if relays else []:
+            for name in (TINY, INSTANT) if relays else ():
                 relay, relay_ports[name] = _start_relay(ports[name])
                 relay_processes.append(relay)
             yield LocalGateway(url, ports, log_path, process.pid, relay_ports)

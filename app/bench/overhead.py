@@ -155,26 +155,26 @@ class Comparison:
         direct, gateway = self.direct.requests_per_second, self.gateway.requests_per_second
         return gateway / direct if direct and gateway is not None else None
 
+    def _against_direct(self, path: str) -> dict[str, Any]:
+        """What `path` added to the direct figures, and its token rates over direct's."""
+        return {
+            "added_ttft_ms": {"p50": self.added_ms("ttft", 50, path), "p99": self.added_ms("ttft", 99, path)},
+            "added_e2e_ms": {"p50": self.added_ms("e2e", 50, path), "p99": self.added_ms("e2e", 99, path)},
+            "throughput_ratio": self.ratio("throughput", path),
+            "decode_ratio": self.ratio("decode", path),
+        }
+
     def as_dict(self) -> dict[str, Any]:
         document = {
             "phase": self.phase,
             "concurrency": self.concurrency,
             "direct": self.direct.as_dict(),
             "gateway": self.gateway.as_dict(),
-            "added_ttft_ms": {"p50": self.added_ms("ttft", 50), "p99": self.added_ms("ttft", 99)},
-            "added_e2e_ms": {"p50": self.added_ms("e2e", 50), "p99": self.added_ms("e2e", 99)},
-            "throughput_ratio": self.throughput_ratio,
-            "decode_ratio": self.ratio("decode"),
+            **self._against_direct("gateway"),
             "requests_per_second_ratio": self.rps_ratio,
         }
         if self.relay is not None:
-            document["relay"] = {
-                **self.relay.as_dict(),
-                "added_ttft_ms": {"p50": self.added_ms("ttft", 50, "relay"), "p99": self.added_ms("ttft", 99, "relay")},
-                "added_e2e_ms": {"p50": self.added_ms("e2e", 50, "relay"), "p99": self.added_ms("e2e", 99, "relay")},
-                "throughput_ratio": self.ratio("throughput", "relay"),
-                "decode_ratio": self.ratio("decode", "relay"),
-            }
+            document["relay"] = {**self.relay.as_dict(), **self._against_direct("relay")}
         return document
 
 
@@ -210,21 +210,31 @@ class OverheadResult:
 
     def floors(self) -> list[str]:
         """What the bare relay cost on the same figures: the part of each that no proxy avoids here."""
-        lines = []
-        c1, c16, tiny = self.find(INSTANT, 1), self.find(INSTANT, 16), self.find(TINY, 1)
-        if c1 is not None and c1.relay is not None:
-            lines.append(
-                f"bare relay, added latency p50 at concurrency 1: {_fmt(c1.added_ms('e2e', 50, 'relay'), 3)} ms"
-            )
-        if c16 is not None and c16.relay is not None:
-            lines.append(
-                f"bare relay, added latency p99 at concurrency 16: {_fmt(c16.added_ms('e2e', 99, 'relay'), 3)} ms"
-            )
-        if tiny is not None and tiny.relay is not None:
-            lines.append(
-                f"bare relay, token throughput of direct (tiny model): {_fmt(tiny.ratio('throughput', 'relay'), 3)}"
-            )
-        return lines
+        figures: list[tuple[str, Comparison | None, Callable[[Comparison], float | None], str]] = [
+            (
+                "added latency p50 at concurrency 1",
+                self.find(INSTANT, 1),
+                lambda c: c.added_ms("e2e", 50, "relay"),
+                " ms",
+            ),
+            (
+                "added latency p99 at concurrency 16",
+                self.find(INSTANT, 16),
+                lambda c: c.added_ms("e2e", 99, "relay"),
+                " ms",
+            ),
+            (
+                "token throughput of direct (tiny model)",
+                self.find(TINY, 1),
+                lambda c: c.ratio("throughput", "relay"),
+                "",
+            ),
+        ]
+        return [
+            f"bare relay, {label}: {_fmt(value(c), 3)}{unit}"
+            for label, c, value, unit in figures
+            if c is not None and c.relay is not None
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -327,29 +337,30 @@ async def concurrent_phase(
     return comparison
 
 
-def _paths(local: LocalGateway, profile: str, tokens: int, relay: bool) -> dict[str, Target]:
+def _paths(local: LocalGateway, profile: str, tokens: int) -> dict[str, Target]:
     via, direct = bodies(profile, tokens)
     gateway_port = int(local.url.rsplit(":", 1)[1])
     paths = {"direct": Target(local.backend_ports[profile], direct), "gateway": Target(gateway_port, via)}
-    if relay and profile in local.relay_ports:
+    if profile in local.relay_ports:
         paths["relay"] = Target(local.relay_ports[profile], direct)
     return paths
 
 
 async def measure(local: LocalGateway, config: OverheadConfig, progress: Progress) -> list[Comparison]:
     comparisons = []
-    tiny = _paths(local, TINY, config.tokens, config.relay)
+    tiny = _paths(local, TINY, config.tokens)
     # Untimed first requests: connection set-up paths, caches, the tiny model's first compile.
     await sequential_phase(TINY, tiny, 5, lambda _: None)
     comparisons.append(await sequential_phase(TINY, tiny, config.requests, progress))
-    instant = _paths(local, INSTANT, config.instant_tokens, config.relay)
+    instant = _paths(local, INSTANT, config.instant_tokens)
     for concurrency in config.concurrency:
         comparisons.append(
             await concurrent_phase(instant, config.instant_requests, concurrency, config.rounds, progress)
         )
     if config.real_model is not None:
-        # Direct and gateway only: the floor says nothing new where a token takes tens of milliseconds.
-        real = _paths(local, REAL, config.real_tokens, relay=False)
+        # Direct and gateway only (no relay runs here): the floor says nothing new where a token takes
+        # tens of milliseconds.
+        real = _paths(local, REAL, config.real_tokens)
         await sequential_phase(REAL, real, 1, lambda _: None)
         label = f"real model {config.real_model}"
         comparisons.append(await sequential_phase(REAL, real, config.real_requests, progress, label))

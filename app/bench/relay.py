@@ -36,16 +36,13 @@ class _ClientSide(asyncio.Protocol):
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.transport: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         # Bytes that arrive before the backend connection is open.
         self.pending: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        client = cast(asyncio.Transport, transport)
-        self.transport = client
-        asyncio.get_running_loop().create_task(self._connect(client))
+        asyncio.get_running_loop().create_task(self._connect(cast(asyncio.Transport, transport)))
 
     async def _connect(self, client: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()

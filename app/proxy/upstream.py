@@ -117,6 +117,11 @@ class UpstreamResponse:
             await self._writer.wait_closed()
 
 
+async def open_connection(host: str, port: int) -> Connection:
+    """A fresh connection to a backend, read in pieces of up to READ_SIZE."""
+    return await asyncio.open_connection(host, port, limit=READ_SIZE)
+
+
 class Preconnected:
     """Keeps one connection to a backend open ahead of the request that will use it.
 
@@ -135,7 +140,7 @@ class Preconnected:
         self._closed = False
 
     async def _connect(self) -> Connection:
-        return await asyncio.open_connection(self.host, self.port, limit=READ_SIZE)
+        return await open_connection(self.host, self.port)
 
     def _refill(self) -> None:
         if self._closed:
@@ -217,10 +222,7 @@ async def post(
     """
     try:
         async with asyncio.timeout(connect_timeout):
-            if connect is not None:
-                reader, writer = await connect()
-            else:
-                reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
+            reader, writer = await (connect() if connect is not None else open_connection(host, port))
     except (OSError, TimeoutError) as error:
         raise UpstreamError(f"{type(error).__name__}: {error}") from error
     try:
