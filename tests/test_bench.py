@@ -338,3 +338,12 @@ def test_overhead_real_model_phase(tmp_path: Path) -> None:
     assert len(result.goals()) == 4
     assert str(model) in result.goals()[-1][0]
     assert result.floors() == []
+
+
+def test_overhead_real_model_missing_says_so(tmp_path: Path) -> None:
+    """A `--real-model` the store does not hold stops the run with the gateway's reason, not a hang."""
+    missing = tmp_path / "no-such-model"
+    config = OverheadConfig(requests=1, tokens=4, instant_requests=2, instant_tokens=2, concurrency=[1], rounds=1)
+    config.real_model = str(missing)
+    with pytest.raises(BenchError, match="does not exist"):
+        run_overhead(config, _quiet)
