@@ -36,6 +36,7 @@ class Gateway:
             backoff_initial=settings.restart_backoff_initial,
             backoff_max=settings.restart_backoff_max,
             log_lines=settings.backend_log_lines,
+            blas=settings.blas,
         )
         self.pool = BackendPool(timing, settings.max_backends, self.resolve, self.http)
         self.handler = CompletionHandler(
@@ -133,6 +134,7 @@ class Gateway:
                 "crash_loop": backend.crashes.consecutive > 1 and backend.retry_in() > 0,
                 "failure": backend.failure,
                 "load_seconds": backend.load_seconds,
+                "blas": backend.blas_summary,
                 "running": slot.admission.running,
                 "waiting": slot.admission.waiting,
                 "shared_with": [p for p in slot.profiles if p != profile.name],

@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.blas import validate_value as validate_blas
+
 Dtype = Literal["float32", "float16", "bfloat16"]
 # "auto": the gateway picks k per request from what it measures (app/adaptive.py), 0 included.
 DraftLength = Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
@@ -63,6 +65,13 @@ class BackendOptions(_Strict):
     allow_hub: bool = False
     # Requests the backend is sent at once. A backend with a draft model runs one at a time anyway.
     max_concurrency: int = Field(default=1, ge=1, le=64)
+    # The BLAS for this backend (app/blas.py); None: the gateway's SPECGATE_BLAS.
+    blas: str | None = None
+
+    @field_validator("blas")
+    @classmethod
+    def _blas_usable(cls, value: str | None) -> str | None:
+        return None if value is None else validate_blas(value)
 
     @field_validator("env", mode="before")
     @classmethod

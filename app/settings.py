@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 from platformdirs import user_cache_dir
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.blas import validate_value as validate_blas
 
 
 def default_model_store() -> Path:
@@ -33,6 +35,8 @@ class Settings(BaseSettings):
     backend_start_timeout: float = Field(default=300.0, gt=0, description="seconds to load a model")
     backend_stop_grace: float = Field(default=5.0, ge=0, description="SIGTERM -> SIGKILL grace")
     backend_log_lines: int = Field(default=2000, ge=10)
+    # BLAS under the backends' float32 matmuls (app/blas.py): "auto", "off" or a library path.
+    blas: str = "auto"
     # Seconds without a byte from a generating backend before the request fails (a hung backend).
     inactivity_timeout: float = Field(default=120.0, gt=0)
     # Prompt processing sends nothing until the first token, and is slow on a CPU: a longer bound.
@@ -59,3 +63,8 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # "json": one JSON object per log line, with the request id (app/logging_setup.py).
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("blas")
+    @classmethod
+    def _blas_usable(cls, value: str) -> str:
+        return validate_blas(value)

@@ -16,6 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.blas import plan as blas_plan
+from app.blas import validate_value as validate_blas
+
 # ---------------------------------------------------------------------------------------------------
 # Launcher group (app/launcher): a tiny main/draft pair and real `python -m app.launcher` processes.
 # ---------------------------------------------------------------------------------------------------
@@ -78,13 +81,16 @@ class LauncherProcess:
         command = [sys.executable, "-m", "app.launcher", *self.args]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         command += os.environ.get(LAUNCHER_FLAGS_ENV, "").split()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        # The BLAS a user's backend gets (SPECGATE_BLAS, default auto): the exactness tests run on it.
+        blas_plan(validate_blas(os.environ.get("SPECGATE_BLAS", "auto"))).apply(env)
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
                 command,
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                env=env,
             )
         return self
 

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from app.backends.logs import BackendLog, pump_stream
+from app.blas import plan as blas_plan
 from app.errors import BackendStartFailed, ModelUnavailable
 from app.models.sources import SourceStatus
 from app.profiles import BackendSpec
@@ -59,6 +60,8 @@ class BackendTiming:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     log_lines: int = 2000
+    # SPECGATE_BLAS: the BLAS of backends whose profile names none (app/blas.py).
+    blas: str = "auto"
 
 
 @dataclass
@@ -119,6 +122,8 @@ class Backend:
         self.load_seconds: float | None = None
         self.last_used = time.monotonic()
         self.failure: str | None = None
+        # What the backend found serving its matmuls (the launcher's `blas` event); None until it says.
+        self.blas: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected_exit = False
@@ -134,6 +139,12 @@ class Backend:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
+
+    @property
+    def blas_summary(self) -> str | None:
+        """e.g. "mkl 2026.2" or "reference (slow)": what the backend reported at its last start."""
+        summary = self.blas.get("summary") if self.blas else None
+        return str(summary) if summary is not None else None
 
     @property
     def is_running(self) -> bool:
@@ -191,6 +202,7 @@ class Backend:
         self.started_at = time.monotonic()
         self.load_seconds = None
         self.failure = None
+        self.blas = None
         self.log.append("gateway", f"starting on port {self.port}: {' '.join(argv)}")
         try:
             await self._spawn(argv, env)
@@ -228,6 +240,7 @@ class Backend:
         if not options.allow_hub:
             env["HF_HUB_OFFLINE"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
+        blas_plan(options.blas or self.timing.blas).apply(env)
         env.update(dict(options.env))
         return argv, env
 
@@ -397,3 +410,10 @@ class Backend:
             seconds = event.get("load_seconds")
             if isinstance(seconds, int | float):
                 self.load_seconds = float(seconds)
+        elif event.get("event") == "blas":
+            self.blas = {key: value for key, value in event.items() if key != "event"}
+            warning = event.get("warning")
+            if warning:
+                # The backend keeps working, only slower: say so where the operator looks.
+                self.log.append("gateway", f"BLAS: {warning}")
+                logger.warning("backend %s: %s", self.name, warning)

@@ -255,3 +255,19 @@ def _error_message(response: httpx.Response) -> str:
         return f"HTTP {response.status_code}: {raw[:300].decode(errors='replace')}"
     message = error.get("message") if isinstance(error, dict) else error
     return f"HTTP {response.status_code}: {message}"
+
+
+def backend_blas(http: httpx.Client, url: str, profiles: list[str]) -> dict[str, str | None]:
+    """The BLAS each profile's backend reported (specgate's /v1/models `backend.blas`), for the machine
+    description: a CPU figure means little without it. Empty for servers that do not say."""
+    try:
+        response = http.get(f"{url}/v1/models", timeout=10.0)
+        data = (response.json().get("data") or []) if response.status_code == 200 else []
+    except (httpx.TransportError, ValueError):
+        return {}
+    found: dict[str, str | None] = {}
+    for item in data:
+        backend = item.get("backend") if isinstance(item, dict) else None
+        if item.get("id") in profiles and isinstance(backend, dict):
+            found[str(item["id"])] = backend.get("blas")
+    return found

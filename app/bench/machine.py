@@ -46,15 +46,20 @@ def _version(package: str) -> str | None:
         return None
 
 
-def describe() -> dict[str, Any]:
+def describe(blas: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """The machine; `blas`: what each measured profile's backend reported running its matmuls on."""
     return {
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "blas": blas or {},
         "versions": {
             name: _version(name)
-            for name in ("specgate", "mlx", "mlx-lm", "uvicorn", "uvloop", "httptools", "httpx", "fastapi", "orjson")
+            for name in (
+                *("specgate", "mlx", "mlx-cpu", "mlx-lm", "mkl"),
+                *("uvicorn", "uvloop", "httptools", "httpx", "fastapi", "orjson"),
+            )
         },
     }

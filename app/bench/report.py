@@ -97,6 +97,10 @@ def _footer(result: BenchResult) -> list[str]:
         "range, relative. SPEED-UP: median over prompts and repetitions of decode tok/s / the baseline's on the "
         "same prompt and repetition. MAL: mean acceptance length (tokens per verification step).",
     ]
+    blas = run.machine.get("blas") or {}
+    if blas:
+        kinds = sorted({str(value) for value in blas.values()})
+        lines.append(f"machine: {run.machine.get('cpu')}, {run.machine.get('cpus')} CPUs; BLAS: {', '.join(kinds)}")
     for arm in result.arms:
         where = arm.equality.first_divergence if arm.equality else None
         if where is not None:

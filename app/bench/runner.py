@@ -18,7 +18,7 @@ from typing import Any, Literal
 import httpx
 
 from app.bench import machine
-from app.bench.client import BenchError, ProfileInfo, Sample, list_profiles, stream_chat
+from app.bench.client import BenchError, ProfileInfo, Sample, backend_blas, list_profiles, stream_chat
 from app.bench.prompts import Prompt, PromptSet
 
 Role = Literal["profile", "baseline", "sweep"]
@@ -235,7 +235,7 @@ class Runner:
             config=self.config,
             arms=arms,
             samples=samples,
-            machine=machine.describe(),
+            machine=machine.describe(backend_blas(self.http, self.config.url, [arm.profile for arm in arms])),
             load_before=load_before,
             load_after=machine.load_average(),
             started=started,

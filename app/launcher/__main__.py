@@ -6,7 +6,9 @@ import sys
 
 from mlx_lm import server
 
+from app.launcher.blas_probe import probe_and_report
 from app.launcher.hooks import install
+from app.launcher.loading import emit_event
 from app.launcher.options import parse_args
 from app.launcher.stats import BackendCounters
 from app.launcher.verify_attention import install as install_verify_attention
@@ -15,6 +17,8 @@ from app.launcher.verify_attention import resolve_mode
 
 def main(argv: list[str] | None = None) -> None:
     options, server_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    # Before the model loads: a slow BLAS is reported at once, not after minutes of loading.
+    emit_event("blas", **probe_and_report().as_event())
     install(options, BackendCounters())
     mode = resolve_mode(options.verify_attention)
     if install_verify_attention(mode):

@@ -164,6 +164,8 @@ def backend_json(slot: BackendSlot, now: float) -> dict[str, Any]:
         "port": backend.port if running else None,
         "rss_bytes": read_rss_bytes(backend.pid) if running else None,
         "load_seconds": _round(backend.load_seconds, 2),
+        "blas": backend.blas_summary,
+        "blas_detail": backend.blas,
         "uptime_seconds": round(now - backend.ready_at, 1)
         if backend.ready_at is not None and backend.state.value == "ready"
         else None,
