@@ -235,6 +235,10 @@ class Backend:
             argv += ["--draft-model", self._resolved(self.spec.draft_path, "draft_model")]
         if options.command is None or "app.launcher" in " ".join(options.command):
             argv += ["--dtype", self.spec.dtype]
+            if options.max_concurrency == 1 and self.spec.draft_path is None and self.spec.prompt_lookup is None:
+                # One request at a time: mlx_lm's batch generator buys nothing and decodes slower than the
+                # single-stream path (1.3-1.5x on an H100, ~2 % on a CPU); speculative backends use that path too.
+                argv += ["--single-stream"]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), *options.args]
         env = dict(os.environ)
         if not options.allow_hub:

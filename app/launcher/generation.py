@@ -58,6 +58,8 @@ class SpecgateResponseGenerator(server.ResponseGenerator):
 
     # Set by `install` when the backend drafts by prompt lookup.
     prompt_lookup: LookupSettings | None = None
+    # Set by `install` from --single-stream: no request goes to the batch generator.
+    single_stream: bool = False
 
     def _serve_single(self, request: tuple[Any, Any, Any], stream: Any) -> None:
         _serving.stats = stats_of(request[1])
@@ -76,7 +78,7 @@ class SpecgateResponseGenerator(server.ResponseGenerator):
 
     def _is_batchable(self, args: Any) -> bool:
         # Prompt lookup runs in `stream_generate` (the single path), like a model draft does.
-        if self.prompt_lookup is not None:
+        if self.prompt_lookup is not None or self.single_stream:
             return False
         return bool(super()._is_batchable(args))  # type: ignore[no-untyped-call]
 

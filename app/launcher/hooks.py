@@ -42,6 +42,7 @@ def install(options: LauncherOptions, counters: BackendCounters) -> None:
     _server.ResponseGenerator = SpecgateResponseGenerator
     # Prompt lookup: `stream_generate` calls this name for any draft; ours runs the n-gram drafter.
     SpecgateResponseGenerator.prompt_lookup = options.prompt_lookup
+    SpecgateResponseGenerator.single_stream = options.single_stream
     _generate.speculative_generate_step = dispatching_speculative_step(_generate.speculative_generate_step)
     # `run` ignores its own `handler_class` argument and calls `_run_http_server` with the default.
     _server._run_http_server = functools.partial(_server._run_http_server, handler_class=handler_class(counters))

@@ -20,6 +20,8 @@ class LauncherOptions:
     prompt_lookup: LookupSettings | None = None
     # How verification rounds compute attention (app/launcher/verify_attention.py).
     verify_attention: str = "auto"
+    # Serve every request through `stream_generate` (one at a time), never the batch generator.
+    single_stream: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "round shape; the fused kernel elsewhere), fused, or unfused (default: auto; the environment "
         "variable SPECGATE_VERIFY_ATTENTION overrides it)",
     )
+    parser.add_argument(
+        "--single-stream",
+        action="store_true",
+        help="serve requests one at a time through the single-stream path, never mlx_lm's batch generator "
+        "(the gateway sets it where it sends one request at a time: that path decodes faster)",
+    )
     return parser
 
 
@@ -82,5 +90,6 @@ def parse_args(argv: list[str]) -> tuple[LauncherOptions, list[str]]:
         cache_fixes=namespace.cache_fixes,
         prompt_lookup=lookup,
         verify_attention=namespace.verify_attention,
+        single_stream=namespace.single_stream,
     )
     return options, rest
