@@ -515,6 +515,17 @@ def test_dtype_default_is_float32_and_flag_casts(backends: Backends) -> None:
     assert got.specgate["num_drafts"] > 0
 
 
+def test_exactness_tests_run_on_the_blas_users_get(backends: Backends) -> None:
+    """The equality tests in this file compare outputs of these backends: they must run on the fast BLAS."""
+    from app.blas import find_mkl
+
+    for backend in (backends.spec, backends.plain):
+        (event,) = [event for event in _events(backend) if event["event"] == "blas"]
+        if find_mkl() is not None:
+            assert event["summary"].startswith("mkl "), event
+        assert event["fast"] is True, f"the launchers of this suite run on a slow BLAS: {event}"
+
+
 def test_load_failure_exits(launcher_factory: LauncherFactory, tmp_path: Any) -> None:
     launcher = launcher_factory.start("--model", str(tmp_path / "no-such-model"))
     assert launcher.process is not None
