@@ -7,6 +7,7 @@ itself found in its own process (the library serving `cblas_sgemm`, a timed matm
 from __future__ import annotations
 
 import platform
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +197,33 @@ def test_the_status_page_has_a_blas_column() -> None:
     page = page_html()
     assert "<th>BLAS</th>" in page
     assert "blasCell(tr, b)" in page
+
+
+# ----- batch variance: what exactness of speculation rests on ------------------------------------------
+
+
+def _batch_variance(blas_value: str) -> str:
+    command = [sys.executable, "-m", "app.bench.batch_variance", "--blas", blas_value]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_reference_blas_rounds_a_row_the_same_in_any_batch() -> None:
+    out = _batch_variance("off")
+    assert out.startswith("BLAS: reference (slow)")
+    rows = [line for line in out.splitlines() if line.startswith("  x[m, ")]
+    assert len(rows) == 6
+    assert all(line.endswith("batch-invariant") for line in rows), out
+
+
+@needs_mkl
+def test_the_batch_variance_command_runs_on_mkl_and_names_the_rows_that_differ() -> None:
+    out = _batch_variance("auto")
+    assert out.startswith("BLAS: mkl 20")
+    rows = [line for line in out.splitlines() if line.startswith("  x[m, ")]
+    assert len(rows) == 6
+    # Either verdict is a fact about the MKL installed; each line must be one of the two.
+    assert all(
+        line.endswith("batch-invariant") or "rows differ from the 1-row product at m = [" in line for line in rows
+    )
