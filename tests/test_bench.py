@@ -95,6 +95,40 @@ def test_sweep_names_the_best_k_or_says_no_draft_pays() -> None:
     assert "no draft length pays" in losing.verdict
 
 
+def test_speedups_are_also_given_against_the_fastest_plain_decoding() -> None:
+    """A k = 0 arm on the speculative backend that decodes faster than the baseline profile becomes the
+    reference: a speed-up against a slower plain path would flatter speculation."""
+    from app.bench.runner import Arm, BenchRun
+
+    arms = [
+        Arm("base", "base", None, "baseline"),
+        Arm("spec", "spec", None, "speculative", baseline="base", profile_k=4),
+        Arm("spec k=0", "spec", 0, "sweep", baseline="base"),
+    ]
+    rates = {"base": [10.0, 10.0], "spec": [15.0, 18.0], "spec k=0": [12.0, 12.0]}
+    samples = []
+    for label, values in rates.items():
+        for rep, rate in enumerate(values):
+            sample = Sample(label, label.split()[0], "p", rep, None, ok=True, completion_tokens=13)
+            sample.decode_seconds = 12 / rate
+            samples.append(sample)
+    config = BenchConfig(url="http://127.0.0.1:1", prompts=load_prompt_set("coding").limited(1))
+    result = analyze(BenchRun(config, arms, samples, {}, [], [], 0.0, 1.0))
+    spec = result.arm("spec")
+    assert spec is not None
+    assert spec.paired_speedup == pytest.approx(1.65)  # against the baseline profile: 1.5x and 1.8x
+    assert spec.fastest_plain == "spec k=0"
+    assert spec.speedup_vs_fastest_plain == pytest.approx(1.375)  # 1.25x and 1.5x
+    report = text_report_of(result)
+    assert "fastest plain decoding measured: spec k=0, faster than the baseline; against it: spec 1.38x" in report
+
+
+def text_report_of(result: object) -> str:
+    from app.bench.report import text_report as bench_text_report
+
+    return bench_text_report(result)  # type: ignore[arg-type]
+
+
 def test_k_range_parsing() -> None:
     assert parse_k_range("0:3") == [0, 1, 2, 3]
     assert parse_k_range("2:8:3") == [2, 5, 8]

@@ -101,6 +101,14 @@ def _footer(result: BenchResult) -> list[str]:
     if blas:
         kinds = sorted({str(value) for value in blas.values()})
         lines.append(f"machine: {run.machine.get('cpu')}, {run.machine.get('cpus')} CPUs; BLAS: {', '.join(kinds)}")
+    fastest = {arm.fastest_plain for arm in result.arms if arm.fastest_plain and arm.fastest_plain != arm.arm.baseline}
+    for label in sorted(fastest):
+        against = ", ".join(
+            f"{arm.arm.label} {arm.speedup_vs_fastest_plain:.2f}x"
+            for arm in result.arms
+            if arm.fastest_plain == label and arm.speedup_vs_fastest_plain is not None and arm.arm.label != label
+        )
+        lines.append(f"fastest plain decoding measured: {label}, faster than the baseline; against it: {against}")
     for arm in result.arms:
         where = arm.equality.first_divergence if arm.equality else None
         if where is not None:
