@@ -54,10 +54,14 @@ def write_plot(result: BenchResult, path: Path) -> Path:
     plt = _pyplot()
     figure, (speed, accept) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, points in _speed_series(result).items():
-        speed.plot([k for k, _ in points], [tps for _, tps in points], marker="o", label=name)
+        # Series are keyed by the baseline they are compared with: label them as speculative against it.
+        label = name if name == "speculative" else f"speculative (vs {name})"
+        speed.plot([k for k, _ in points], [tps for _, tps in points], marker="o", label=label)
     for index, base in enumerate(_baselines(result)):
         assert base.decode_tps is not None
-        speed.axhline(base.decode_tps.median, linestyle="--", color=f"C{index + 5}", label=f"{base.arm.label}")
+        speed.axhline(
+            base.decode_tps.median, linestyle="--", color=f"C{index + 5}", label=f"{base.arm.label} (no draft)"
+        )
     speed.xaxis.get_major_locator().set_params(integer=True)
     speed.set_xlabel("num_draft_tokens (k)")
     speed.set_ylabel("decode tokens/sec (median)")
