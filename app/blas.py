@@ -107,7 +107,7 @@ def plan(value: str) -> BlasPlan:
         # macOS: MLX runs on Metal, and its CPU ops on Accelerate; other systems: nothing known to do.
         return BlasPlan(value, None, "native", note=f"nothing to preload on {sys.platform}")
     if value == OFF:
-        return BlasPlan(value, None, "bundled", note=f"{SETTING_NAME}=off")
+        return BlasPlan(value, None, "bundled", note=f"blas = off ({SETTING_NAME} or the profile's backend.blas)")
     if value == AUTO:
         return _auto_plan()
     library = Path(value)
