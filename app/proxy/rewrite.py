@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from app.errors import InvalidRequest
 from app.profiles import Profile
+from app.proxy.tools import ToolPlan, messages_for_backend, tool_plan
 
 Kind = Literal["chat", "completion"]
 
@@ -42,6 +43,8 @@ class BackendRequest:
     upstream_streams: bool
     num_draft_tokens: int | None
     max_tokens: int
+    # Set when the answer may hold tool calls to parse (a chat request with tools, not tool_choice "none").
+    tools: ToolPlan | None = None
 
 
 def _fail(message: str, param: str | None = None) -> InvalidRequest:
@@ -172,9 +175,11 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
     requested_k = _check_int(body, "num_draft_tokens", 0, MAX_DRAFT_TOKENS)
 
     forward = {key: value for key, value in body.items() if key not in LOAD_FIELDS}
+    tools: ToolPlan | None = None
     if kind == "chat":
-        messages = _check_messages(body)
+        messages = messages_for_backend(_check_messages(body))
         forward["messages"] = _with_system_prompt(messages, profile.system_prompt)
+        tools = tool_plan(body)
         path = "/v1/chat/completions"
     else:
         prompt = body.get("prompt")
@@ -216,4 +221,5 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
         upstream_streams=upstream_streams,
         num_draft_tokens=num_draft_tokens,
         max_tokens=max_tokens,
+        tools=tools,
     )
