@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from app.proxy.toolcalls import ToolCall, ToolCallStream, parse_tool_calls
+from app.proxy.toolrelay import ToolCallRelay
+from app.proxy.tools import ToolPlan, messages_for_backend, tool_plan
 
 TOOLS = frozenset({"read", "write", "list"})
 READ = ToolCall("read", json.dumps({"filePath": "/x/hello.py"}))
@@ -205,3 +208,116 @@ def test_streaming_in_any_piece_size_equals_the_whole_parse(size: int) -> None:
     content, calls = parse_tool_calls(answer, TOOLS)
     assert [c.name for c in calls] == ["read", "list", "write"]
     assert "read" not in content.split("```python")[0].split("2. list")[1]
+
+
+# ----- the chunk relay (app/proxy/toolrelay.py) on mlx_lm.server-shaped chunks ---------------------------
+
+
+def mlx_chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"role": "assistant", **delta}
+    if content:
+        body["content"] = content
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "finish_reason": finish, "delta": body}],
+    }
+
+
+PLAN = ToolPlan(TOOLS, "auto")
+
+
+def test_relay_holds_a_call_and_sends_it_as_tool_calls() -> None:
+    relay = ToolCallRelay(PLAN)
+    first = mlx_chunk("Reading.\n")
+    assert relay.rewrite(first)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Reading.\n"}
+    held = mlx_chunk('{"name": "read", "arguments": ')
+    assert not relay.rewrite(held)  # nothing for the client yet: the chunk is dropped
+    last = mlx_chunk('{"filePath": "/x/hello.py"}}', finish="stop")
+    assert relay.rewrite(last)
+    choice = last["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert "content" not in choice["delta"]
+    (call,) = choice["delta"]["tool_calls"]
+    assert call["index"] == 0
+    assert call["id"].startswith("call_")
+    assert call["function"] == {"name": "read", "arguments": READ.arguments}
+
+
+def test_relay_passes_the_backends_own_calls_on_in_openai_shape() -> None:
+    """mlx_lm.server parses `<tool_call>` itself for templates it knows: uuid ids, its own index, json.dumps'd
+    arguments (a string of a string when the model wrote the arguments as a string)."""
+    relay = ToolCallRelay(PLAN)
+    backend_call = {
+        "function": {"name": "list", "arguments": json.dumps('{"path": "/x"}')},
+        "type": "function",
+        "id": "0d5e0b9c-5f9e-4a51-9d0e-7b1c3b2a1f00",
+        "index": 0,
+    }
+    text_call = mlx_chunk('{"name": "read", "arguments": {"filePath": "/x/hello.py"}}')
+    assert relay.rewrite(text_call)
+    chunk = mlx_chunk("", finish="tool_calls", tool_calls=[backend_call])
+    assert relay.rewrite(chunk)
+    calls = text_call["choices"][0]["delta"]["tool_calls"] + chunk["choices"][0]["delta"]["tool_calls"]
+    assert [c["index"] for c in calls] == [0, 1]  # one index sequence over both sources
+    assert [c["function"]["name"] for c in calls] == ["read", "list"]
+    assert all(c["id"].startswith("call_") for c in calls)
+    assert json.loads(calls[1]["function"]["arguments"]) == {"path": "/x"}
+    assert set(calls[1]) == {"index", "id", "type", "function"}
+    assert chunk["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_relay_leaves_length_and_plain_answers_alone() -> None:
+    relay = ToolCallRelay(PLAN)
+    chunk = mlx_chunk('{"name": "read", "arguments": {"filePath": "/x', finish="length")
+    assert relay.rewrite(chunk)
+    assert chunk["choices"][0]["finish_reason"] == "length"
+    assert chunk["choices"][0]["delta"]["content"] == '{"name": "read", "arguments": {"filePath": "/x'
+    relay = ToolCallRelay(PLAN)
+    final = mlx_chunk(finish="stop")
+    assert relay.rewrite(final)
+    assert final["choices"][0] == {"index": 0, "finish_reason": "stop", "delta": {"role": "assistant"}}
+
+
+def test_relay_prefix_from_a_forced_call() -> None:
+    relay = ToolCallRelay(
+        ToolPlan(frozenset({"read"}), "function", forced="read"), prefix='{"name": "read", "arguments": '
+    )
+    chunk = mlx_chunk('{"filePath": "/x/hello.py"}}', finish="stop")
+    relay.rewrite(chunk)
+    assert chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "read"
+    assert chunk["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# ----- the request side (app/proxy/tools.py) ----------------------------------------------------------------
+
+FUNCTION_TOOLS = [{"type": "function", "function": {"name": name}} for name in ("read", "list")]
+
+
+def test_tool_plan_by_tool_choice() -> None:
+    assert tool_plan({}) is None
+    assert tool_plan({"tools": []}) is None
+    assert tool_plan({"tools": FUNCTION_TOOLS, "tool_choice": "none"}) is None
+    assert tool_plan({"tools": FUNCTION_TOOLS}) == ToolPlan(frozenset({"read", "list"}), "auto")
+    assert tool_plan({"tools": FUNCTION_TOOLS, "tool_choice": "required"}) == ToolPlan(
+        frozenset({"read", "list"}), "required"
+    )
+    named = {"type": "function", "function": {"name": "list"}}
+    assert tool_plan({"tools": FUNCTION_TOOLS, "tool_choice": named}) == ToolPlan(
+        frozenset({"list"}), "function", forced="list"
+    )
+
+
+def test_earlier_calls_reach_the_backend_with_object_arguments() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "read", "arguments": '{"filePath": "/x"}'}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "x"},
+    ]
+    converted = messages_for_backend(messages)
+    assert converted[1]["tool_calls"][0]["function"]["arguments"] == {"filePath": "/x"}
+    assert converted[1]["tool_calls"][0]["id"] == "call_1"
+    assert converted[2] == messages[2]
+    assert call["function"]["arguments"] == '{"filePath": "/x"}'  # the client's body is not changed
