@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from app.profiles import parse_profiles
+from app.proxy.rewrite import build_backend_request
 from app.proxy.toolcalls import ToolCall, ToolCallStream, parse_tool_calls
 from app.proxy.toolrelay import ToolCallRelay
 from app.proxy.tools import ToolPlan, messages_for_backend, tool_plan
@@ -321,3 +323,36 @@ def test_earlier_calls_reach_the_backend_with_object_arguments() -> None:
     assert converted[1]["tool_calls"][0]["id"] == "call_1"
     assert converted[2] == messages[2]
     assert call["function"]["arguments"] == '{"filePath": "/x"}'  # the client's body is not changed
+
+
+def test_forced_calls_are_prefilled_only_on_the_launcher() -> None:
+    launcher, other = parse_profiles(
+        '[profiles."a"]\nmodel = "/m"\n[profiles."b"]\nmodel = "/m"\nbackend = { command = ["x"] }\n'
+    )
+    named = {"type": "function", "function": {"name": "read"}}
+    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": FUNCTION_TOOLS}
+    request = build_backend_request("chat", {**body, "tool_choice": named}, launcher)
+    assert request.body["specgate_prefill"] == '<tool_call>\n{"name": "read", "arguments": '
+    assert request.tools is not None
+    assert request.tools.prefill == request.body["specgate_prefill"]
+    required = build_backend_request("chat", {**body, "tool_choice": "required"}, launcher)
+    assert required.body["specgate_prefill"] == '<tool_call>\n{"name": "'
+    assert "specgate_prefill" not in build_backend_request("chat", body, launcher).body
+    elsewhere = build_backend_request("chat", {**body, "tool_choice": named}, other)
+    assert "specgate_prefill" not in elsewhere.body
+    assert elsewhere.tools is not None
+    assert elsewhere.tools.prefill == ""
+
+
+def test_required_prefill_is_parsed_with_the_generated_name() -> None:
+    plan = ToolPlan(TOOLS, "required", prefill='<tool_call>\n{"name": "')
+    relay = ToolCallRelay(plan, prefix=plan.prefill)
+    chunk = mlx_chunk('read", "arguments": {"filePath": "/x/hello.py"}}\n</tool_call>', finish="stop")
+    relay.rewrite(chunk)
+    assert chunk["choices"][0]["delta"]["tool_calls"][0]["function"] == {"name": "read", "arguments": READ.arguments}
+    # A continuation that is no call gives the text back, opening included: nothing is lost.
+    relay = ToolCallRelay(plan, prefix=plan.prefill)
+    chunk = mlx_chunk("oops", finish="stop")
+    relay.rewrite(chunk)
+    assert chunk["choices"][0]["delta"]["content"] == '<tool_call>\n{"name": "oops'
+    assert chunk["choices"][0]["finish_reason"] == "stop"

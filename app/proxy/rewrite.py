@@ -7,12 +7,13 @@ Only the fields the gateway must understand are read; everything else passes thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from app.errors import InvalidRequest
+from app.launcher.prefill import BODY_FIELD as PREFILL_FIELD
 from app.profiles import Profile
-from app.proxy.tools import ToolPlan, messages_for_backend, tool_plan
+from app.proxy.tools import ToolPlan, forced_opening, messages_for_backend, tool_plan
 
 Kind = Literal["chat", "completion"]
 
@@ -180,6 +181,11 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
         messages = messages_for_backend(_check_messages(body))
         forward["messages"] = _with_system_prompt(messages, profile.system_prompt)
         tools = tool_plan(body)
+        # Only specgate's launcher starts an answer with given text; another backend command would
+        # ignore the field and the gateway would parse an opening the model never saw.
+        if tools is not None and forced_opening(tools) and profile.backend.command is None:
+            tools = replace(tools, prefill=forced_opening(tools))
+            forward[PREFILL_FIELD] = tools.prefill
         path = "/v1/chat/completions"
     else:
         prompt = body.get("prompt")

@@ -105,7 +105,7 @@ def _other_output(choice: dict[str, Any]) -> bool:
 
 def parse_message(message: dict[str, Any], plan: ToolPlan) -> bool:
     """Parse a whole (unstreamed) message in place; True when it made a call."""
-    relay = ToolCallRelay(plan)
+    relay = ToolCallRelay(plan, prefix=plan.prefill)
     chunk = {"choices": [{"delta": message, "finish_reason": "stop"}]}
     relay.rewrite(chunk)
     for call in message.get("tool_calls") or ():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from app.errors import InvalidRequest
+from app.proxy.toolcalls import TAG_OPEN
 
 Choice = Literal["auto", "required", "function"]
 
@@ -26,10 +27,22 @@ class ToolPlan:
     names: frozenset[str]  # the functions a parsed call may name
     choice: Choice
     forced: str | None = None  # the function a named `tool_choice` asks for
+    # The call's opening that the backend was told to start the answer with (app/launcher/prefill.py);
+    # the answer's text continues it.
+    prefill: str = ""
 
     def __post_init__(self) -> None:
         if self.choice == "function" and self.forced is None:
             raise ValueError("a named tool_choice needs its function")
+
+
+def forced_opening(plan: ToolPlan) -> str:
+    """How a forced call starts: Qwen/Hermes's tag, then the object up to what the model must choose."""
+    if plan.choice == "function":
+        return f'{TAG_OPEN}\n{{"name": {json.dumps(plan.forced)}, "arguments": '
+    if plan.choice == "required":
+        return f'{TAG_OPEN}\n{{"name": "'
+    return ""
 
 
 def _function_names(tools: Any) -> frozenset[str]:
