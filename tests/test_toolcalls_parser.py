@@ -338,6 +338,8 @@ def test_forced_calls_are_prefilled_only_on_the_launcher() -> None:
     required = build_backend_request("chat", {**body, "tool_choice": "required"}, launcher)
     assert required.body["specgate_prefill"] == '<tool_call>\n{"name": "'
     assert "specgate_prefill" not in build_backend_request("chat", body, launcher).body
+    sneaked = build_backend_request("chat", {**body, "specgate_prefill": "Sure! "}, launcher)
+    assert "specgate_prefill" not in sneaked.body
     elsewhere = build_backend_request("chat", {**body, "tool_choice": named}, other)
     assert "specgate_prefill" not in elsewhere.body
     assert elsewhere.tools is not None

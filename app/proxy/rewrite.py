@@ -175,7 +175,8 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
     top_logprobs = _check_int(body, "top_logprobs", 0, 20)
     requested_k = _check_int(body, "num_draft_tokens", 0, MAX_DRAFT_TOKENS)
 
-    forward = {key: value for key, value in body.items() if key not in LOAD_FIELDS}
+    # The prefill is the gateway's own instruction to its launcher, never a client's.
+    forward = {key: value for key, value in body.items() if key not in LOAD_FIELDS and key != PREFILL_FIELD}
     tools: ToolPlan | None = None
     if kind == "chat":
         messages = messages_for_backend(_check_messages(body))
