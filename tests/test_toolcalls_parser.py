@@ -358,3 +358,48 @@ def test_required_prefill_is_parsed_with_the_generated_name() -> None:
     relay.rewrite(chunk)
     assert chunk["choices"][0]["delta"]["content"] == '<tool_call>\n{"name": "oops'
     assert chunk["choices"][0]["finish_reason"] == "stop"
+
+
+FRAGMENTS = [
+    "text ",
+    "\n",
+    "  ",
+    "{",
+    "}",
+    "[",
+    "]",
+    '"',
+    "\\",
+    "`",
+    "```",
+    "```json\n",
+    "<",
+    "<tool_call>",
+    "</tool_call>",
+    '"name"',
+    ": ",
+    '"read"',
+    '"rm"',
+    ", ",
+    '"arguments"',
+    '{"filePath": "/x"}',
+    '{"name": "read", "arguments": {"filePath": "/x/hello.py"}}',
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_answers_lose_nothing_and_stream_like_the_whole_parse(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    answer = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 40)))
+    content, calls = parse_tool_calls(answer, TOOLS)
+    cuts = (
+        sorted(rng.sample(range(1, len(answer)), min(len(answer) - 1, rng.randint(0, 12)))) if len(answer) > 1 else []
+    )
+    pieces = [answer[a:b] for a, b in zip([0, *cuts], [*cuts, len(answer)], strict=True)]
+    assert flatten(*streamed(pieces)) == (content, calls)
+    if not calls:
+        assert content == answer  # text that holds no call comes back byte for byte
+    else:
+        assert len(content) < len(answer)
