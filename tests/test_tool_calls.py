@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -315,5 +314,14 @@ def test_logprobs_answer_is_parsed_too(gateway: GatewayProcess) -> None:
     assert "index" not in choice["message"]["tool_calls"][0]
 
 
-def test_gateway_log_is_clean(gateway: GatewayProcess, tmp_path: Path) -> None:
+def test_metrics_count_tool_call_answers(client: openai.OpenAI, gateway: GatewayProcess) -> None:
+    client.chat.completions.create(model=TAGS, messages=ask(), tools=TOOLS)
+    scrape = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    lines = [line for line in scrape.splitlines() if line.startswith("specgate_request_success_total{")]
+    counted = [line for line in lines if f'profile="{TAGS}"' in line and 'finished_reason="tool_calls"' in line]
+    assert counted, lines
+    assert float(counted[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_gateway_log_is_clean(gateway: GatewayProcess) -> None:
     assert "Traceback" not in gateway.log()
