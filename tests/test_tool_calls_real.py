@@ -109,6 +109,6 @@ def test_the_default_model_calls_read_the_same_with_and_without_the_draft(client
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "print('hello, world')\n"},
     ]
-    answer = client.chat.completions.create(model=BASE, messages=second, tools=TOOLS, max_tokens=60)
+    answer = client.chat.completions.create(model=SPEC, messages=second, tools=TOOLS, max_tokens=60)
     assert answer.choices[0].message.content
     assert "hello" in answer.choices[0].message.content.lower()
