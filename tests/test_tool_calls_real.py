@@ -89,6 +89,19 @@ def test_the_default_model_calls_read_the_same_with_and_without_the_draft(client
     assert baseline.choices[0].finish_reason == "tool_calls"
     assert "filePath" not in (baseline.choices[0].message.content or "")
 
+    # Forced calls: the launcher starts the answer with the call's opening (app/launcher/prefill.py).
+    question = [{"role": "user", "content": "What does the script /tmp/project/hello.py print?"}]
+    named = {"type": "function", "function": {"name": "read"}}
+    forced = client.chat.completions.create(
+        model=BASE, messages=question, tools=TOOLS, tool_choice=named, max_tokens=80
+    )
+    assert [name for name, _ in calls_of(forced)] == ["read"], forced
+    assert forced.choices[0].finish_reason == "tool_calls"
+    required = client.chat.completions.create(
+        model=BASE, messages=question, tools=TOOLS, tool_choice="required", max_tokens=80
+    )
+    assert calls_of(required), required
+
     chunks = client.chat.completions.create(model=SPEC, messages=ASK, tools=TOOLS, max_tokens=80, stream=True)
     names, arguments, finish = {}, {}, None
     for chunk in chunks:
