@@ -284,7 +284,7 @@ def test_relay_leaves_length_and_plain_answers_alone() -> None:
 
 def test_relay_prefix_from_a_forced_call() -> None:
     relay = ToolCallRelay(
-        ToolPlan(frozenset({"read"}), "function", forced="read"), prefix='{"name": "read", "arguments": '
+        ToolPlan(frozenset({"read"}), "function", forced="read", prefill='{"name": "read", "arguments": ')
     )
     chunk = mlx_chunk('{"filePath": "/x/hello.py"}}', finish="stop")
     relay.rewrite(chunk)
@@ -348,12 +348,12 @@ def test_forced_calls_are_prefilled_only_on_the_launcher() -> None:
 
 def test_required_prefill_is_parsed_with_the_generated_name() -> None:
     plan = ToolPlan(TOOLS, "required", prefill='<tool_call>\n{"name": "')
-    relay = ToolCallRelay(plan, prefix=plan.prefill)
+    relay = ToolCallRelay(plan)
     chunk = mlx_chunk('read", "arguments": {"filePath": "/x/hello.py"}}\n</tool_call>', finish="stop")
     relay.rewrite(chunk)
     assert chunk["choices"][0]["delta"]["tool_calls"][0]["function"] == {"name": "read", "arguments": READ.arguments}
     # A continuation that is no call gives the text back, opening included: nothing is lost.
-    relay = ToolCallRelay(plan, prefix=plan.prefill)
+    relay = ToolCallRelay(plan)
     chunk = mlx_chunk("oops", finish="stop")
     relay.rewrite(chunk)
     assert chunk["choices"][0]["delta"]["content"] == '<tool_call>\n{"name": "oops'

@@ -161,7 +161,7 @@ class StreamRewriter:
 
     def __post_init__(self) -> None:
         if self.request.tools is not None:
-            self.tools = ToolCallRelay(self.request.tools, prefix=self.request.tools.prefill)
+            self.tools = ToolCallRelay(self.request.tools)
 
     def absorb_usage(self, chunk: dict[str, Any]) -> None:
         self.record.absorb_usage(chunk.get("usage") or {})

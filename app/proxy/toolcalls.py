@@ -261,14 +261,13 @@ class ToolCallStream:
     def __init__(self, tool_names: frozenset[str], prefix: str = "") -> None:
         self.tool_names = tool_names
         self.calls_made = 0
-        self._held = ""
+        # Undecided text; a forced call's opening (the prompt's end) is where the answer starts.
+        self._held = prefix
         # True while the text sent so far ends a line (or is empty): a `{` or `[` here starts a line.
         self._line_start = True
         # A held block already past its first-key check only changes verdict when a closer arrives.
         self._awaiting_closer = False
         self._after_call = False
-        if prefix:
-            self._held = prefix
 
     def feed(self, text: str) -> list[Event]:
         if not text:

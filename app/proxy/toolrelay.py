@@ -40,8 +40,9 @@ def _arguments_text(arguments: Any) -> str:
 class ToolCallRelay:
     """Rewrites the deltas of one chat answer; see the module docstring."""
 
-    def __init__(self, plan: ToolPlan, prefix: str = "") -> None:
-        self.parser = ToolCallStream(plan.names, prefix)
+    def __init__(self, plan: ToolPlan) -> None:
+        # A forced call's opening was the prompt's end: the answer's text continues it.
+        self.parser = ToolCallStream(plan.names, prefix=plan.prefill)
         self.calls_made = 0
 
     def rewrite(self, chunk: dict[str, Any]) -> bool:
@@ -105,7 +106,7 @@ def _other_output(choice: dict[str, Any]) -> bool:
 
 def parse_message(message: dict[str, Any], plan: ToolPlan) -> bool:
     """Parse a whole (unstreamed) message in place; True when it made a call."""
-    relay = ToolCallRelay(plan, prefix=plan.prefill)
+    relay = ToolCallRelay(plan)
     chunk = {"choices": [{"delta": message, "finish_reason": "stop"}]}
     relay.rewrite(chunk)
     for call in message.get("tool_calls") or ():
