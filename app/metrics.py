@@ -36,7 +36,7 @@ Labels = tuple[str, str, str]
 NO_PROFILE: Labels = ("", "", "")
 # Outcomes the handler sets (app/proxy/handler.py); anything else is counted as "other".
 OUTCOMES = ("success", "client_error", "rejected", "backend_error", "client_gone", "internal_error")
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "tool_calls")
 
 # Buckets span a CPU decoding a 1.5B model (~1 tok/s, prompts taking minutes) and a GPU at 200 tok/s
 # and beyond (5 ms per token), so both get usable quantiles.
@@ -69,7 +69,7 @@ class RequestMetrics:
 
         self.requests = counter("requests", "Requests by outcome (refused ones included)", "outcome")
         self.success = counter(
-            "request_success", "Requests served, by finish reason (stop, length, other)", "finished_reason"
+            "request_success", "Requests served, by finish reason (stop, length, tool_calls, other)", "finished_reason"
         )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of served requests")
         self.cached_tokens = counter("prompt_tokens_cached", "Prompt tokens read from the backend's prompt cache")

@@ -178,6 +178,17 @@ def test_content_rule() -> None:
     assert prompt_token_count({"prompt": ""}) == 1
 
 
+def test_scripted_replies_per_turn() -> None:
+    replies = ["First answer", "Second"]
+    assert planned_tokens(chat_body("x"), replies=replies) == (["Fir", "st ", "ans", "wer", ""], "stop")
+    assert planned_tokens(chat_body("x", max_tokens=2), replies=replies) == (["Fir", "st "], "length")
+    turn = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}
+    assert expected_text(turn, replies=replies) == "Second"
+    later = {"messages": [*turn["messages"], {"role": "tool", "content": "y"}, {"role": "assistant", "content": "z"}]}
+    assert expected_text(later, replies=replies) == "Second"  # the last reply answers every later turn
+    assert expected_text({"prompt": "a b", "max_tokens": 3}, replies=replies) == "echo a b"  # completions echo
+
+
 def test_speculative_rounds_follow_mlx_loop() -> None:
     # k=3, 10 tokens: accept 3, 2, 1, 0; the last round drafts only what is left.
     assert speculative_rounds(10, 3) == [(3, 3), (3, 2), (3, 1), (1, 0)]

@@ -5,9 +5,11 @@ The project's five queries go through the gateway with two tools (code search, f
 each query, and for speculative profiles whether every decision (and the output itself) equals the
 baseline twin's: a draft model must never change what the model does.
 
-mlx_lm.server parses Qwen2.5's `<tool_call>` blocks into OpenAI `tool_calls`; a block cut off by
-`max_tokens` fails its parser and is dropped, leaving an empty answer. Such an answer is counted as a
-tool call and marked `truncated` (raise `--max-tokens`); a call written as plain text is marked `unparsed`.
+mlx_lm.server parses Qwen2.5's `<tool_call>` blocks into OpenAI `tool_calls`, and the gateway parses calls
+written as text (fenced or bare JSON, app/proxy/toolcalls.py); both arrive as the stream's `tool_calls`,
+which is what is counted. A `<tool_call>` block cut off by `max_tokens` fails mlx's parser and is dropped,
+leaving an empty answer: counted as a tool call and marked `truncated` (raise `--max-tokens`). A call the
+gateway left in the text (malformed JSON, cut off) is marked `unparsed`.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ namespace with subclasses or wrappers:
 - `cache_fixes.py`: a prompt cache that fixes bugs B1 and B2 of mlx-lm 0.32.2.
 - `loading.py`: dtype cast after loading, the load event.
 - `handler.py`: the HTTP handler: in-band figures, `/specgate/stats`, request-id logging.
+- `prefill.py`: an answer that starts with given text (a forced tool call's opening).
 - `hooks.py`: installs all of the above into `mlx_lm.server`.
 - `__main__.py`: the command line.
 """

@@ -24,6 +24,7 @@ from typing import Any
 from mlx_lm import server
 
 from app.launcher.lookup import LookupDrafter, LookupSettings
+from app.launcher.prefill import with_prefill
 from app.launcher.stats import BackendCounters, RequestStats, SpeculationCounter
 
 _STATS_ATTRIBUTE = "specgate_stats"
@@ -70,7 +71,7 @@ class SpecgateResponseGenerator(server.ResponseGenerator):
             _serving.prompt = None
 
     def _tokenize(self, tokenizer: Any, request: Any, args: Any) -> Any:
-        result = super()._tokenize(tokenizer, request, args)  # type: ignore[no-untyped-call]
+        result = with_prefill(super()._tokenize(tokenizer, request, args), tokenizer, request)  # type: ignore[no-untyped-call]
         # The whole prompt: `stream_generate` only sees the part after the cached prefix, and prompt
         # lookup searches all of it.
         _serving.prompt = list(result[0])

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from mlx_lm import server
 
 from app.launcher.generation import attach_stats
+from app.launcher.prefill import attach_prefill
 from app.launcher.stats import BackendCounters, RequestStats
 
 logger = logging.getLogger("specgate.launcher")
@@ -42,6 +43,7 @@ def handler_class(counters: BackendCounters) -> type[Any]:
         def handle_completion(self, request: Any, stop_words: list[str]) -> None:
             stats = RequestStats(request_id=self.headers.get("X-Request-Id"))
             attach_stats(request, stats)
+            attach_prefill(request, getattr(self, "body", None))
             self.specgate_stats = stats
             counters.request_started()
             finished = False

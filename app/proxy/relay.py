@@ -25,6 +25,7 @@ from app.errors import BackendDied, BackendError, BackendTimeout, GatewayError, 
 from app.proxy import upstream as upstream_http
 from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
+from app.proxy.toolrelay import ToolCallRelay, parse_message
 from app.proxy.upstream import UpstreamError, UpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
@@ -156,6 +157,11 @@ class StreamRewriter:
     record: RequestRecord
     client_model: str
     _role_sent: bool = False
+    tools: ToolCallRelay | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.request.tools is not None:
+            self.tools = ToolCallRelay(self.request.tools)
 
     def absorb_usage(self, chunk: dict[str, Any]) -> None:
         self.record.absorb_usage(chunk.get("usage") or {})
@@ -175,7 +181,9 @@ class StreamRewriter:
             chunk["object"] = "chat.completion.chunk" if self.request.kind == "chat" else "text_completion"
             return chunk
         if _chunk_has_output(chunk):
-            self.record.mark_token(now)
+            self.record.mark_token(now)  # generation timing counts the backend's tokens, held or not
+        if self.tools is not None and not self.tools.rewrite(chunk):
+            return None
         for choice in chunk.get("choices") or ():
             if choice.get("finish_reason"):
                 self.record.finish_reason = choice["finish_reason"]
@@ -272,20 +280,37 @@ class Assembly:
                     self.text.append(piece)
                 if delta.get("reasoning"):
                     self.reasoning.append(delta["reasoning"])
-                if delta.get("tool_calls"):
-                    self.tool_calls.extend(delta["tool_calls"])
+                for piece in delta.get("tool_calls") or ():
+                    self._add_tool_call(piece)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+
+    def _add_tool_call(self, piece: Any) -> None:
+        """Stream pieces of one call share its `index` (OpenAI): later ones add argument text."""
+        index = piece.get("index") if isinstance(piece, dict) else None
+        for call in self.tool_calls:
+            if index is not None and call.get("index") == index:
+                function = call.setdefault("function", {})
+                added = (piece.get("function") or {}).get("arguments") or ""
+                function["arguments"] = (function.get("arguments") or "") + added
+                return
+        self.tool_calls.append(piece)
 
     def body(self, client_model: str, record: RequestRecord) -> dict[str, Any]:
         first = self.first or {}
         text = "".join(self.text)
         if self.request.kind == "chat":
+            if self.tool_calls and not text.strip():
+                text = ""  # layout around the calls, not an answer
             message: dict[str, Any] = {"role": "assistant", "content": text or None}
             if self.reasoning:
                 message["reasoning"] = "".join(self.reasoning)
             if self.tool_calls:
-                message["tool_calls"] = self.tool_calls
+                # A message's calls carry no stream index (OpenAI's non-streaming shape).
+                message["tool_calls"] = [
+                    {k: v for k, v in call.items() if k != "index"} if isinstance(call, dict) else call
+                    for call in self.tool_calls
+                ]
             choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None}
             obj = "chat.completion"
         else:
@@ -338,8 +363,9 @@ def _assemble_one(payload: bytes, rewriter: StreamRewriter, assembly: Assembly, 
         rewriter.absorb_usage(chunk)
         assembly.usage = chunk.get("usage")
         return
-    rewriter.rewrite(chunk, now)
-    assembly.add(chunk)
+    rewritten = rewriter.rewrite(chunk, now)
+    if rewritten is not None:
+        assembly.add(rewritten)
 
 
 async def read_unstreamed(
@@ -359,6 +385,11 @@ async def read_unstreamed(
     now = time.monotonic()
     rewriter.record.mark_token(now)
     choices = body.get("choices") or [{}]
+    message = choices[0].get("message")
+    plan = rewriter.request.tools
+    made_call = plan is not None and isinstance(message, dict) and parse_message(message, plan)
+    if made_call and choices[0].get("finish_reason") == "stop":
+        choices[0]["finish_reason"] = "tool_calls"
     rewriter.record.finish_reason = choices[0].get("finish_reason")
     body["model"] = client_model
     body.update(rewriter.record.response_extras())

@@ -7,11 +7,13 @@ Only the fields the gateway must understand are read; everything else passes thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from app.errors import InvalidRequest
+from app.launcher.prefill import BODY_FIELD as PREFILL_FIELD
 from app.profiles import Profile
+from app.proxy.tools import ToolPlan, forced_opening, messages_for_backend, tool_plan
 
 Kind = Literal["chat", "completion"]
 
@@ -42,6 +44,8 @@ class BackendRequest:
     upstream_streams: bool
     num_draft_tokens: int | None
     max_tokens: int
+    # Set when the answer may hold tool calls to parse (a chat request with tools, not tool_choice "none").
+    tools: ToolPlan | None = None
 
 
 def _fail(message: str, param: str | None = None) -> InvalidRequest:
@@ -171,10 +175,18 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
     top_logprobs = _check_int(body, "top_logprobs", 0, 20)
     requested_k = _check_int(body, "num_draft_tokens", 0, MAX_DRAFT_TOKENS)
 
-    forward = {key: value for key, value in body.items() if key not in LOAD_FIELDS}
+    # The prefill is the gateway's own instruction to its launcher, never a client's.
+    forward = {key: value for key, value in body.items() if key not in LOAD_FIELDS and key != PREFILL_FIELD}
+    tools: ToolPlan | None = None
     if kind == "chat":
-        messages = _check_messages(body)
+        messages = messages_for_backend(_check_messages(body))
         forward["messages"] = _with_system_prompt(messages, profile.system_prompt)
+        tools = tool_plan(body)
+        # Only specgate's launcher starts an answer with given text; another backend command would
+        # ignore the field and the gateway would parse an opening the model never saw.
+        if tools is not None and forced_opening(tools) and profile.backend.command is None:
+            tools = replace(tools, prefill=forced_opening(tools))
+            forward[PREFILL_FIELD] = tools.prefill
         path = "/v1/chat/completions"
     else:
         prompt = body.get("prompt")
@@ -216,4 +228,5 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
         upstream_streams=upstream_streams,
         num_draft_tokens=num_draft_tokens,
         max_tokens=max_tokens,
+        tools=tools,
     )

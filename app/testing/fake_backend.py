@@ -46,6 +46,13 @@ Content rule (`expected_text(body)` computes it; `answer_tokens(body)` gives the
   prompt_tokens: chat, the sum over messages of (words + 4) plus 3 (a chat template's overhead);
   text, the number of words (at least 1). cached_tokens is always 0.
 
+Scripted replies (`--reply-text TEXT`, repeatable; for tests of what the gateway does with a model's text)
+  A chat request is answered with the N-th `--reply-text`, where N-1 is the number of assistant messages
+  in its `messages` (the last one answers every later turn): the first value answers a first turn, the
+  second the turn after a tool call, and so on. The reply streams in tokens of 3 characters, then an
+  end-of-sequence token (counted, no text) ends it with finish_reason "stop"; `max_tokens` and `stop`
+  apply as above. Text completions keep the echo rule.
+
 Speculative statistics (the `"specgate"` key of the usage chunk and of a non-streaming body)
   Without `--draft-model` the draft fields are 0 and the lists empty. With it, k is the request's
   `num_draft_tokens`, else `--num-draft-tokens` (3), and the rounds follow mlx's
@@ -71,6 +78,7 @@ Failure modes (flags; they combine)
   --serial                 one request generates at a time; the others wait, in arrival order, with no
                            bytes sent (mlx_lm.server with a draft model).
   --fail-requests-with S   answer every completion with HTTP status S and `{"error": "..."}`.
+  --reply-text TEXT        answer chat requests with TEXT (see "Scripted replies"); repeat for later turns.
 
 Logging: a startup line and one line per completion request (request id, tokens, outcome) on stderr.
 """
@@ -131,8 +139,23 @@ def source_text(body: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
-def answer_tokens(body: dict[str, Any]) -> Iterator[str]:
-    """The endless token stream for `body`, before max_tokens and stop words apply."""
+REPLY_TOKEN_CHARS = 3
+END_OF_SEQUENCE = ""  # the token that ends a scripted reply: counted, never sent
+
+
+def scripted_reply(body: dict[str, Any], replies: Sequence[str]) -> str:
+    """The `--reply-text` answering `body`: chosen by how many assistant turns it already has."""
+    turns = sum(1 for m in body.get("messages") or () if isinstance(m, dict) and m.get("role") == "assistant")
+    return replies[min(turns, len(replies) - 1)]
+
+
+def answer_tokens(body: dict[str, Any], replies: Sequence[str] = ()) -> Iterator[str]:
+    """The token stream for `body` (endless unless scripted), before max_tokens and stop words apply."""
+    if replies and "messages" in body:
+        reply = scripted_reply(body, replies)
+        yield from (reply[i : i + REPLY_TOKEN_CHARS] for i in range(0, len(reply), REPLY_TOKEN_CHARS))
+        yield END_OF_SEQUENCE
+        return
     yield "echo"
     words = source_text(body).split()
     yield from (" " + w for w in words)
@@ -155,23 +178,27 @@ def stop_words_of(body: dict[str, Any]) -> list[str]:
     return [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]
 
 
-def planned_tokens(body: dict[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[list[str], str]:
+def planned_tokens(
+    body: dict[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS, replies: Sequence[str] = ()
+) -> tuple[list[str], str]:
     """The tokens generated for `body` (a stop token included) and the finish reason."""
     limit = max_tokens_of(body, default_max_tokens)
     stops = set(stop_words_of(body))
     tokens: list[str] = []
-    for token in answer_tokens(body):
+    for token in answer_tokens(body, replies):
         if len(tokens) == limit:
             return tokens, "length"
         tokens.append(token)
-        if token.lstrip(" ") in stops:
+        if token == END_OF_SEQUENCE or token.lstrip(" ") in stops:
             return tokens, "stop"
-    raise AssertionError("answer_tokens is endless")
+    raise AssertionError("answer_tokens ends only with END_OF_SEQUENCE")
 
 
-def expected_text(body: dict[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> str:
+def expected_text(
+    body: dict[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS, replies: Sequence[str] = ()
+) -> str:
     """The text a client receives for `body` (chat content or completion text): see the module doc."""
-    tokens, finish_reason = planned_tokens(body, default_max_tokens)
+    tokens, finish_reason = planned_tokens(body, default_max_tokens, replies)
     sent = tokens[:-1] if finish_reason == "stop" else tokens
     return "".join(sent)
 
@@ -281,6 +308,7 @@ class Config:
     print_load_event: bool
     serial: bool
     fail_requests_with: int | None
+    reply_text: list[str] | None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-load-event", action="store_true")
     parser.add_argument("--serial", action="store_true")
     parser.add_argument("--fail-requests-with", type=int, metavar="STATUS")
+    parser.add_argument("--reply-text", action="append", metavar="TEXT")
     return parser
 
 
@@ -709,7 +738,8 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def _generate(self, request: Completion, outcome: Outcome) -> None:
-        tokens, outcome.finish_reason = planned_tokens(request.body, self.server.config.max_tokens)
+        config = self.server.config
+        tokens, outcome.finish_reason = planned_tokens(request.body, config.max_tokens, config.reply_text or ())
         if request.stream:
             # Headers only now, after the --serial queue: a queued mlx stream gets no bytes at all.
             self._headers(200, "text/event-stream")
