@@ -316,7 +316,9 @@ def test_errors_say_what_to_do(bench_gateway: GatewayProcess) -> None:
 
 
 def test_overhead_runs_at_a_tiny_scale() -> None:
-    config = OverheadConfig(requests=3, tokens=8, instant_requests=8, instant_tokens=4, concurrency=[1, 2], rounds=2)
+    # 32 tokens, not fewer: the tiny model makes ~1000 tok/s (more with MKL), and a stream whose tokens all
+    # arrive in one read has no decode window; with 8 tokens a loaded machine did that to every request.
+    config = OverheadConfig(requests=3, tokens=32, instant_requests=8, instant_tokens=4, concurrency=[1, 2], rounds=2)
     result = run_overhead(config, _quiet)
     assert [(c.phase, c.concurrency) for c in result.comparisons] == [("tiny", 1), ("instant", 1), ("instant", 2)]
     for comparison in result.comparisons:
