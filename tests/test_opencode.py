@@ -23,6 +23,10 @@ def write_profiles(directory: Path, model_dir: Path) -> Path:
     profiles.mkdir(parents=True, exist_ok=True)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    # A present model whose config.json says nothing about its context.
+    unsized = model_dir.parent / f"{model_dir.name}-unsized"
+    unsized.mkdir(parents=True, exist_ok=True)
+    (unsized / "config.json").write_text("{}")
     backend = f"backend = {{ command = {toml_list([*FAKE_BACKEND])} }}"
     (profiles / "gw.toml").write_text(
         f"""
@@ -43,6 +47,10 @@ max_output_tokens = 512
 {backend}
 
 [profiles."baseline/unsized"]
+model = "{unsized}"
+{backend}
+
+[profiles."baseline/missing"]
 model = "/nonexistent/model"
 {backend}
 """
@@ -82,7 +90,13 @@ def test_prints_a_complete_config_with_every_profile(profiles_dir: Path, capsys:
     assert config["$schema"] == "https://opencode.ai/config.json"
     block = config["provider"]["specgate"]
     assert block["npm"] == "@ai-sdk/openai-compatible"
-    assert block["options"] == {"baseURL": "http://127.0.0.1:8000/v1"}
+    assert block["options"] == {
+        "baseURL": "http://127.0.0.1:8000/v1",
+        # A CPU may take minutes to the first token: OpenCode's 300 s header wait is too short.
+        "timeout": False,
+        "headerTimeout": 900_000,
+        "chunkTimeout": 900_000,
+    }
     assert block["models"] == {
         "speculative/tiny-balanced": EXPECTED_BALANCED,
         # No context_length in the profile: the model's own max_position_embeddings.
@@ -91,6 +105,10 @@ def test_prints_a_complete_config_with_every_profile(profiles_dir: Path, capsys:
         "baseline/unsized": {"name": "baseline/unsized"},
     }
     assert "'baseline/unsized' has no context_length or max_output_tokens" in err
+    # A profile whose model is not here cannot serve: left out, and said so.
+    assert "left out (their models are not present, so they cannot serve): baseline/missing" in err
+    # Titles go to the one profile on another backend without a draft.
+    assert config["small_model"] == "specgate/baseline/unsized"
 
 
 def test_selects_profiles_by_name_or_alias_and_refuses_unknown_ones(
@@ -166,6 +184,8 @@ def test_merge_keeps_other_providers_and_keys_byte_for_byte(
     merged = json.loads(merged_text)
     assert only_insertions(original, merged_text), merged_text
     specgate = merged["provider"].pop("specgate")
+    # The file had no small_model: one is added (titles on another backend); a user's own is never replaced.
+    assert merged.pop("small_model") == "specgate/baseline/unsized"
     assert merged == REAL_CONFIG
     assert set(specgate["models"]) == {"speculative/tiny-balanced", "baseline/tiny", "baseline/unsized"}
     # The inserted block follows the file's own 4-space layout.
@@ -221,7 +241,13 @@ def test_merge_updates_a_previous_specgate_block_keeping_user_additions(
     assert code == 0, err
     merged = json.loads(path.read_text())
     block = merged["provider"]["specgate"]
-    assert block["options"] == {"baseURL": "http://127.0.0.1:8123/v1", "timeout": 600000}
+    # The user's own timeout is kept; the others are filled in.
+    assert block["options"] == {
+        "baseURL": "http://127.0.0.1:8123/v1",
+        "timeout": 600000,
+        "headerTimeout": 900_000,
+        "chunkTimeout": 900_000,
+    }
     assert block["name"] == "specgate (local MLX, speculative decoding)"
     assert block["whitelist"] == ["speculative/tiny-balanced"]
     assert block["models"] == {
@@ -277,6 +303,29 @@ def test_jsonc_comments_and_trailing_commas_are_preserved(
     for comment in ("// OpenCode config: keep these notes", "/* the default model */", "// fast enough"):
         assert comment in again
     assert list(jsonc.parse(again).root.value["provider"]["specgate"]["models"]) == ["baseline/tiny"]
+
+
+def test_a_users_small_model_is_kept_and_the_choice_can_be_forced_or_skipped(
+    profiles_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "opencode.json"
+    path.write_text(json.dumps({"small_model": "ollama/tiny"}))
+    code, _, err = run_cli(capsys, "--profiles-dir", str(profiles_dir), "--write", str(path))
+    assert code == 0, err
+    assert json.loads(path.read_text())["small_model"] == "ollama/tiny"
+    code, out, err = run_cli(capsys, "--profiles-dir", str(profiles_dir), "--small-model", "baseline/tiny")
+    assert code == 0, err
+    assert json.loads(out)["small_model"] == "specgate/baseline/tiny"
+    code, out, _ = run_cli(capsys, "--profiles-dir", str(profiles_dir), "--no-small-model")
+    assert "small_model" not in json.loads(out)
+    code, _, err = run_cli(capsys, "--profiles-dir", str(profiles_dir), "--small-model", "baseline/missing")
+    assert code == 2
+    assert "not among the listed profiles" in err
+    # Only profiles of one backend: nothing to pick, and the warning says what that means.
+    code, out, err = run_cli(capsys, "--profiles-dir", str(profiles_dir), "--profiles", "tiny", "baseline/tiny")
+    assert code == 0
+    assert "small_model" not in json.loads(out)
+    assert "small_model not set" in err
 
 
 def test_jsonc_insert_into_objects_of_every_shape() -> None:

@@ -9,7 +9,13 @@ Merging (`--write`) keeps everything already in the file: other providers, other
 file's own layout (JSONC is edited in place, see app/integrations/jsonc.py). Inside an existing provider
 block of the same id, specgate owns `npm`, `name`, `options.baseURL`, `options.apiKey` (when keys are on)
 and `models` (exactly the listed profiles, each with its `name` and `limit`); any other key a user added
-there, such as `options.timeout` or a model's `options`, is kept.
+there, such as a model's `options`, is kept. OpenCode's request timeouts (`options.timeout`,
+`headerTimeout`, `chunkTimeout`) are written only where the block has none: a user's value wins.
+
+Profiles that cannot serve (a model that is neither on disk nor a catalog model `specgate serve` pulls;
+`not_present` in a running gateway) are left out, with a warning. The top-level `small_model`, which
+OpenCode uses for session titles, is set (where the file has none) to a profile on another backend than
+the others, so a title request never queues in front of the work.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ PROVIDER_NPM = "@ai-sdk/openai-compatible"
 DEFAULT_PROVIDER_ID = "specgate"
 DEFAULT_PROVIDER_NAME = "specgate (local MLX, speculative decoding)"
 DEFAULT_KEY_ENV = "SPECGATE_API_KEY"
+# OpenCode's defaults wait 300 s for response headers and 300 s between chunks. On a CPU a 7,000-token
+# agent prompt can take minutes before the first token (and the gateway answers a stream's headers with
+# it), so wait as long as the gateway's own first-token bound (SPECGATE_FIRST_TOKEN_TIMEOUT, 900 s) and put
+# no limit on a whole answer, which may be thousands of tokens at a few tokens per second.
+TIMEOUT_DEFAULTS: dict[str, Any] = {"timeout": False, "headerTimeout": 900_000, "chunkTimeout": 900_000}
 
 
 class ConfigError(Exception):
@@ -50,6 +61,11 @@ class ModelEntry:
     name: str
     context: int | None
     output: int | None
+    # Whether the profile can serve: its models are on disk, or `specgate serve` pulls them (catalog).
+    servable: bool = True
+    # The main model and whether a draft is used: which profiles share a backend, for `small_model`.
+    model: str | None = None
+    speculative: bool = False
 
     def as_config(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": self.name}
@@ -74,6 +90,15 @@ def _model_context(profile: Profile, store: Path) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def _servable(profile: Profile, store: Path) -> bool:
+    """On disk, or a catalog model that `specgate serve` pulls before it takes traffic."""
+    values = [profile.model]
+    if profile.uses_draft_weights and profile.draft_model is not None:
+        values.append(profile.draft_model)
+    statuses = [describe_source(value, store) for value in values]
+    return all(status.present or status.kind == "catalog" for status in statuses)
+
+
 def entries_from_profiles(profiles: Iterable[Profile], store: Path) -> list[ModelEntry]:
     return [
         ModelEntry(
@@ -81,6 +106,9 @@ def entries_from_profiles(profiles: Iterable[Profile], store: Path) -> list[Mode
             name=profile.display_name or profile.name,
             context=_model_context(profile, store),
             output=profile.max_output_tokens,
+            servable=_servable(profile, store),
+            model=profile.model,
+            speculative=profile.is_speculative,
         )
         for profile in profiles
     ]
@@ -100,9 +128,25 @@ def entries_from_gateway(listing: dict[str, Any]) -> list[ModelEntry]:
                 name=item.get("name") or item["id"],
                 context=context if isinstance(context, int) else None,
                 output=output if isinstance(output, int) else None,
+                servable=item.get("state") != "not_present",
+                model=item.get("model") if isinstance(item.get("model"), str) else None,
+                speculative=item.get("draft_model") is not None,
             )
         )
     return entries
+
+
+def choose_small_model(entries: list[ModelEntry]) -> ModelEntry | None:
+    """A profile for OpenCode's `small_model` (session titles): no draft, and a main model other than the one
+    most profiles use, so that its requests go to another backend than the work. None when there is none."""
+    models = [entry.model for entry in entries if entry.model is not None]
+    if not models:
+        return None
+    main = max(set(models), key=models.count)
+    for entry in entries:
+        if entry.model is not None and entry.model != main and not entry.speculative:
+            return entry
+    return None
 
 
 def select(entries: list[ModelEntry], wanted: list[str] | None, aliases: dict[str, str]) -> list[ModelEntry]:
@@ -125,7 +169,7 @@ def select(entries: list[ModelEntry], wanted: list[str] | None, aliases: dict[st
 
 
 def provider_block(entries: list[ModelEntry], base_url: str, key_env: str | None, name: str) -> dict[str, Any]:
-    options: dict[str, Any] = {"baseURL": base_url}
+    options: dict[str, Any] = {**TIMEOUT_DEFAULTS, "baseURL": base_url}
     if key_env:
         # OpenCode substitutes "{env:VAR}" when it loads the file: the key itself is never written here.
         options["apiKey"] = f"{{env:{key_env}}}"
@@ -143,7 +187,9 @@ def merge_provider(old: Any, new: dict[str, Any]) -> dict[str, Any]:
         return new
     merged = {**old, **{key: value for key, value in new.items() if key not in ("options", "models")}}
     old_options = old["options"] if isinstance(old.get("options"), dict) else {}
-    merged["options"] = {**old_options, **new["options"]}
+    owned = {key: value for key, value in new["options"].items() if key not in TIMEOUT_DEFAULTS}
+    defaults = {key: value for key, value in new["options"].items() if key in TIMEOUT_DEFAULTS}
+    merged["options"] = {**defaults, **old_options, **owned}
     old_models: dict[str, Any] = old["models"] if isinstance(old.get("models"), dict) else {}
     models = {}
     for model_id, entry in new["models"].items():
@@ -163,14 +209,27 @@ class MergeResult:
     comments_dropped: bool
 
 
-def new_document(provider_id: str, block: dict[str, Any]) -> str:
-    return json.dumps({"$schema": SCHEMA_URL, "provider": {provider_id: block}}, indent=2, ensure_ascii=False) + "\n"
+def new_document(provider_id: str, block: dict[str, Any], small_model: str | None = None) -> str:
+    document: dict[str, Any] = {"$schema": SCHEMA_URL, "provider": {provider_id: block}}
+    if small_model is not None:
+        document["small_model"] = small_model
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
-def merge_into(text: str, provider_id: str, block: dict[str, Any]) -> MergeResult:
-    """The file's text with the provider block merged in; everything else byte for byte as it was."""
+def merge_into(text: str, provider_id: str, block: dict[str, Any], small_model: str | None = None) -> MergeResult:
+    """The file's text with the provider block merged in (and `small_model` where the file has none);
+    everything else byte for byte as it was."""
+    result = _merge_provider_into(text, provider_id, block, small_model)
+    if small_model is not None and text.strip():
+        document = jsonc.parse(result.text)
+        if "small_model" not in document.root.members:
+            result.text = jsonc.insert_member(document, document.root, "small_model", small_model)
+    return result
+
+
+def _merge_provider_into(text: str, provider_id: str, block: dict[str, Any], small_model: str | None) -> MergeResult:
     if not text.strip():
-        return MergeResult(new_document(provider_id, block), sorted(block["models"]), [], [], False)
+        return MergeResult(new_document(provider_id, block, small_model), sorted(block["models"]), [], [], False)
     try:
         document = jsonc.parse(text)
     except jsonc.JsoncError as error:
@@ -262,8 +321,8 @@ def public_base_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}/v1"
 
 
-def build(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
-    """The provider block and warnings for the command's arguments."""
+def build(args: argparse.Namespace) -> tuple[dict[str, Any], str | None, list[str]]:
+    """The provider block, the `small_model` value and warnings for the command's arguments."""
     overrides: dict[str, Any] = {}
     if args.profiles_dir is not None:
         overrides["profiles_dir"] = args.profiles_dir
@@ -293,8 +352,15 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     if keys_on and key_env is None:
         key_env = DEFAULT_KEY_ENV
     chosen = select(entries, args.profiles, aliases)
+    unservable = [entry.id for entry in chosen if not entry.servable]
+    if unservable:
+        warnings.append(
+            f"left out (their models are not present, so they cannot serve): {', '.join(unservable)}; "
+            "`specgate profiles` says what each needs"
+        )
+    chosen = [entry for entry in chosen if entry.servable]
     if not chosen:
-        raise ConfigError("no profiles to list: the profiles directory is empty")
+        raise ConfigError("no profiles to list: none can serve here (see `specgate profiles`)")
     for entry in chosen:
         if entry.context is None or entry.output is None:
             warnings.append(
@@ -306,16 +372,33 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                 )
                 + "; OpenCode gets no 'limit' for it (set both in the profile to let OpenCode compact in time)"
             )
-    return provider_block(chosen, base_url, key_env, args.name), warnings
+    return provider_block(chosen, base_url, key_env, args.name), _small_model(args, chosen, warnings), warnings
+
+
+def _small_model(args: argparse.Namespace, chosen: list[ModelEntry], warnings: list[str]) -> str | None:
+    if args.no_small_model:
+        return None
+    if args.small_model:
+        if args.small_model not in {entry.id for entry in chosen}:
+            raise ConfigError(f"--small-model {args.small_model!r} is not among the listed profiles")
+        return f"{args.provider}/{args.small_model}"
+    small = choose_small_model(chosen)
+    if small is None:
+        warnings.append(
+            "no listed profile runs on a backend of its own without a draft: small_model not set, so OpenCode's "
+            "title requests share the work's backend (--small-model NAME picks one)"
+        )
+        return None
+    return f"{args.provider}/{small.id}"
 
 
 def cmd_opencode_config(args: argparse.Namespace) -> int:
     try:
-        block, warnings = build(args)
+        block, small_model, warnings = build(args)
         for warning in warnings:
             print(f"specgate: warning: {warning}", file=sys.stderr)
         if args.write is None:
-            sys.stdout.write(new_document(args.provider, block))
+            sys.stdout.write(new_document(args.provider, block, small_model))
             return 0
         path: Path = args.write.expanduser()
         try:
@@ -323,7 +406,7 @@ def cmd_opencode_config(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read it: {error}") from error
         try:
-            result = merge_into(text, args.provider, block)
+            result = merge_into(text, args.provider, block, small_model)
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from error
         write_atomically(path, result.text)
@@ -368,4 +451,10 @@ def register(subparsers: Any) -> None:
         metavar="VAR",
         help=f"write options.apiKey as {{env:VAR}} (default when the gateway uses API keys: {DEFAULT_KEY_ENV})",
     )
+    parser.add_argument(
+        "--small-model",
+        metavar="NAME",
+        help="profile for OpenCode's small_model (session titles; default: one on another backend, if any)",
+    )
+    parser.add_argument("--no-small-model", action="store_true", help="do not set small_model")
     parser.set_defaults(func=cmd_opencode_config)
