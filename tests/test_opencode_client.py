@@ -72,7 +72,9 @@ def opencode(request: pytest.FixtureRequest) -> str:
 
 
 def isolated_env(home: Path, config: Path) -> dict[str, str]:
-    folders = {name: home / name.lower() for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME")}
+    folders = {
+        name: home / name.lower() for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME")
+    }
     for folder in folders.values():
         folder.mkdir(parents=True)
     return {
@@ -102,7 +104,8 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     requests_log = tmp_path / "backend-requests.jsonl"
     flags = ["--reply-text", tool_call_text(hello), "--reply-text", FINAL_TEXT, "--record-requests", str(requests_log)]
     model = fake_model_dir(tmp_path)
-    profiles = f'[profiles."{PROFILE}"]\nmodel = "{model}"\nbackend = {{ command = {toml_command([*FAKE_BACKEND, *flags])} }}\n'
+    backend = toml_command([*FAKE_BACKEND, *flags])
+    profiles = f'[profiles."{PROFILE}"]\nmodel = "{model}"\nbackend = {{ command = {backend} }}\n'
     with running_gateway(tmp_path / "gateway", profiles) as gateway:
         config = tmp_path / "opencode.json"
         write_opencode_config(gateway, config)
@@ -148,8 +151,16 @@ def test_opencode_runs_the_tool_and_prints_the_answer(opencode: str, setup: Setu
     assert read_tools, f"OpenCode offered no `read` tool{context}"
     assert "filePath" in read_tools[0]["function"]["parameters"]["properties"]
 
-    results = [m for body in seen for m in tool_messages(body)]
-    assert any("hi from specgate" in message_text(m) for m in results), f"no tool result with hello.py's text{context}"
+    # OpenCode ran the tool: its next request carries the gateway's call back, and the file's text as the result.
+    answered = [body for body in seen if tool_messages(body)]
+    assert answered, f"no request carried a tool result{context}"
+    calls = [c for m in answered[0]["messages"] if m.get("role") == "assistant" for c in m.get("tool_calls") or ()]
+    assert [c["function"]["name"] for c in calls] == ["read"], context
+    # The gateway hands the backend the arguments as an object (app/proxy/tools.py: the chat template wants one).
+    assert calls[0]["function"]["arguments"] == {"filePath": str(setup.hello)}
+    result_message = tool_messages(answered[0])[0]
+    assert result_message.get("tool_call_id") == calls[0]["id"]
+    assert "hi from specgate" in message_text(result_message), context
 
     status = httpx.get(f"{setup.gateway.url}/status.json", timeout=5.0).json()
     reasons = [r["finish_reason"] for r in status["requests"] if r["profile"] == PROFILE]
