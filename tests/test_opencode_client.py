@@ -4,6 +4,11 @@ The backend answers OpenCode's first turn with a tool call written as Qwen2.5-Co
 JSON object), which the gateway turns into OpenAI `tool_calls`; OpenCode must run its `read` tool and send
 the file back, and the backend answers that turn with text OpenCode prints. The backend records every
 request body it receives, so the test sees what OpenCode really sent.
+
+The script picks a reply by the number of assistant turns in a request (fake_backend's "Scripted replies"),
+not by request count, so the extra requests do not shift it: the gateway's warm-up, and OpenCode's
+title request (no tools, no assistant turn), which gets the first reply as plain text since a request
+without tools is never given tool calls.
 """
 
 from __future__ import annotations
