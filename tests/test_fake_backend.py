@@ -506,6 +506,17 @@ def test_fail_requests_with_status(spawn: Spawn) -> None:
     assert backend.stats()["requests_started"] == 0
 
 
+def test_record_requests_appends_each_body_as_a_json_line(spawn: Spawn, tmp_path: Path) -> None:
+    record = tmp_path / "requests.jsonl"
+    backend = spawn("--record-requests", str(record))
+    bodies = [chat_body("one", max_tokens=2), {"prompt": "two", "max_tokens": 1}]
+    for path, body in zip((CHAT, TEXT), bodies, strict=True):
+        assert backend.post(path, body).status_code == 200
+    # A body that is JSON but not a request is recorded too: the file shows what the client sent.
+    assert httpx.post(backend.url + CHAT, json=[1, 2], timeout=5).status_code == 400
+    assert [json.loads(line) for line in record.read_text().splitlines()] == [*bodies, [1, 2]]
+
+
 def test_serial_runs_one_request_at_a_time_in_arrival_order(spawn: Spawn) -> None:
     backend = spawn("--serial", "--token-delay", "0.005")
     headers_seen = {name: threading.Event() for name in "BC"}

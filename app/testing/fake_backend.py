@@ -79,6 +79,8 @@ Failure modes (flags; they combine)
                            bytes sent (mlx_lm.server with a draft model).
   --fail-requests-with S   answer every completion with HTTP status S and `{"error": "..."}`.
   --reply-text TEXT        answer chat requests with TEXT (see "Scripted replies"); repeat for later turns.
+  --record-requests PATH   append each completion request's JSON body to PATH, one line per request (for
+                           tests of what a real client sends through the gateway).
 
 Logging: a startup line and one line per completion request (request id, tokens, outcome) on stderr.
 """
@@ -309,6 +311,7 @@ class Config:
     serial: bool
     fail_requests_with: int | None
     reply_text: list[str] | None
+    record_requests: str | None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serial", action="store_true")
     parser.add_argument("--fail-requests-with", type=int, metavar="STATUS")
     parser.add_argument("--reply-text", action="append", metavar="TEXT")
+    parser.add_argument("--record-requests", metavar="PATH")
     return parser
 
 
@@ -396,6 +400,13 @@ class FifoGate:
 
 
 _log_lock = threading.Lock()
+_record_lock = threading.Lock()
+
+
+def record_request(path: str, body: Any) -> None:
+    """Append `body` to the `--record-requests` file as one JSON line."""
+    with _record_lock, open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(body) + "\n")
 
 
 def log(message: str) -> None:
@@ -711,6 +722,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw.decode())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"Invalid JSON in request body: {e}") from None
+        if config.record_requests is not None:
+            record_request(config.record_requests, body)
         request = parse_completion(self.path, body, request_id, config)
         if config.fail_requests_with is not None:
             raise RequestError(
