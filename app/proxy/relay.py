@@ -7,6 +7,12 @@ The stream is relayed per socket read, not per event: events that arrived togeth
 sent to the client in one write. On a real model that is one token per read, as before; when a backend
 (or a loaded machine) delivers a burst, the gateway pays its per-write cost (ASGI middleware, a syscall)
 once instead of once per token. Silence is bounded per read with one timer, not a task per line.
+
+Before the first token the silence is also cut into `keepalive` steps: each step that ends without a byte
+adds a `: waiting` SSE comment to the stream (clients ignore comments; OpenCode and the like then know the
+request is alive during minutes of prompt processing on a CPU). The first-token timeout bounds silence,
+so a backend that reports prompt progress (the launcher's `: prompt n/m` comments, passed through as they
+come) is not timed out while it makes progress. After the first token nothing changes: one timer per read.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from app.proxy.toolrelay import ToolCallRelay, parse_message
 from app.proxy.upstream import UpstreamError, UpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
+WAITING = b": waiting"
 
 
 @dataclass(frozen=True)
 class RelayTimeouts:
     first_token: float
     inactivity: float
+    # Seconds between SSE comments while a streaming request waits (queue, backend start, first token).
+    keepalive: float = 10.0
 
 
 def _backend_message(raw: bytes) -> str:
@@ -111,16 +120,24 @@ async def _sse_batches(
 ) -> AsyncIterator[list[bytes]]:
     """Yield, per socket read, the SSE payloads it completed, bounding the silence between reads."""
     pending = b""
+    silent = 0.0  # seconds without a byte before the first token, in whole keep-alive steps
     while True:
-        limit = timeouts.first_token if record.first_token is None else timeouts.inactivity
+        waiting = record.first_token is None
+        limit = timeouts.first_token if waiting else timeouts.inactivity
+        step = min(timeouts.keepalive, limit - silent) if waiting else limit
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(step):
                 data = await response.read_some()
         except TimeoutError:
-            what = "first token" if record.first_token is None else "next token"
+            silent += step
+            if waiting and silent < limit:
+                yield [WAITING]  # cancelling a read loses nothing: the bytes stay in the reader
+                continue
+            what = "first token" if waiting else "next token"
             raise BackendTimeout(f"the backend sent nothing for {limit:.0f}s while waiting for the {what}") from None
         except UpstreamError as error:
             raise BackendDied(f"the backend connection broke mid-response: {error}") from error
+        silent = 0.0
         if not data:
             if pending.strip():
                 yield _payloads(pending)
