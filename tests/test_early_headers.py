@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import TinyPair
 from tests.harness import FAKE_BACKEND, GatewayProcess, chat, fake_model_dir, running_gateway, toml_list, wait_for
 
 KEEPALIVE = 0.2
@@ -224,3 +225,28 @@ def test_the_openai_sdk_reads_a_stream_with_comments(model_dir: Path, tmp_path: 
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         client.close()
     assert text == "echo Hi there t3"
+
+
+def test_the_real_launcher_reports_prompt_progress(tiny_pair: TinyPair, tmp_path: Path) -> None:
+    # A small prefill step, so the tiny model's prompt is processed in several chunks, each one reported.
+    profiles = (
+        f'[profiles.tiny]\nmodel = "{tiny_pair.main}"\nsampling = {{ temperature = 0.0 }}\n'
+        'backend = { args = ["--prefill-step-size", "16"] }\n'
+    )
+    body = {
+        **chat("alpha beta gamma delta " * 20, "tiny", max_tokens=4, stream=True),
+        "stream_options": {"include_usage": True},
+    }
+    with (
+        running_gateway(tmp_path / "gw", profiles, ENV) as gateway,
+        gateway.client() as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as reply,
+    ):
+        lines = list(timed_lines(reply))
+    first_data = next(i for i, (_, line) in enumerate(lines) if line.startswith("data:"))
+    progress = [re.fullmatch(r": prompt (\d+)/(\d+)", line) for line in comments(lines[:first_data])]
+    steps = [(int(m.group(1)), int(m.group(2))) for m in progress if m]
+    usage = next(e["usage"] for e in data_events(lines) if isinstance(e, dict) and e.get("usage"))
+    assert len(steps) >= 3, lines[:first_data]
+    assert steps[-1] == (usage["prompt_tokens"], usage["prompt_tokens"])
+    assert not any(line.startswith(": keepalive") for line in comments(lines))

@@ -11,8 +11,13 @@ once instead of once per token. Silence is bounded per read with one timer, not 
 Before the first token the silence is also cut into `keepalive` steps: each step that ends without a byte
 adds a `: waiting` SSE comment to the stream (clients ignore comments; OpenCode and the like then know the
 request is alive during minutes of prompt processing on a CPU). The first-token timeout bounds silence,
-so a backend that reports prompt progress (the launcher's `: prompt n/m` comments, passed through as they
-come) is not timed out while it makes progress. After the first token nothing changes: one timer per read.
+so a backend that reports prompt progress is not timed out while it makes progress. After the first
+token nothing changes: one timer per read.
+
+Prompt progress: mlx_lm.server (0.32.2, so the launcher too) writes `: keepalive n/m` on a stream after its
+headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the prompt. The relay
+passes comment lines on, and names that one for the client: `: prompt n/m`. Only comment lines take that
+branch, so the per-token path is unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from app.proxy.upstream import UpstreamError, UpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
 WAITING = b": waiting"
+_MLX_PROGRESS = b": keepalive "  # mlx_lm.server's prompt progress comment, `: keepalive n/m`
 
 
 @dataclass(frozen=True)
@@ -218,11 +224,18 @@ def sse_error(error: GatewayError) -> bytes:
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
 
 
+def _comment(line: bytes) -> bytes:
+    """A backend's SSE comment for the client; mlx_lm.server's prompt progress as `: prompt n/m`."""
+    if line.startswith(_MLX_PROGRESS):
+        return b": prompt " + line[len(_MLX_PROGRESS) :] + b"\n\n"
+    return line + b"\n\n"
+
+
 def _relay_batch(payloads: list[bytes], rewriter: StreamRewriter, now: float, out: list[bytes]) -> bool:
     """Rewrite one read's events into `out`; True once `[DONE]` is among them."""
     for payload in payloads:
         if payload.startswith(b":"):
-            out.append(payload + b"\n\n")
+            out.append(_comment(payload))
             continue
         if payload == b"[DONE]":
             out.append(DONE)
