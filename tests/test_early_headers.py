@@ -250,3 +250,20 @@ def test_the_real_launcher_reports_prompt_progress(tiny_pair: TinyPair, tmp_path
     assert len(steps) >= 3, lines[:first_data]
     assert steps[-1] == (usage["prompt_tokens"], usage["prompt_tokens"])
     assert not any(line.startswith(": keepalive") for line in comments(lines))
+
+
+def test_a_first_token_timeout_after_the_headers_is_an_error_event(model_dir: Path, tmp_path: Path) -> None:
+    env = {**ENV, "SPECGATE_FIRST_TOKEN_TIMEOUT": "1"}
+    flags = ("--first-token-delay", "3")  # the readiness probe waits it out too (loading)
+    with (
+        running_gateway(tmp_path / "gw", profile("stuck", model_dir, *flags), env) as gateway,
+        gateway.client() as client,
+    ):
+        with client.stream("POST", "/v1/chat/completions", json=stream_body("stuck")) as reply:
+            assert reply.status_code == 200
+            lines = list(timed_lines(reply))
+        wait_for(lambda: outcome_count(gateway, "backend_error", "stuck") == 1, 5, "the timeout in /metrics")
+    assert comments(lines).count(": waiting") >= 2
+    events = data_events(lines)
+    assert len(events) == 1, lines
+    assert "first token" in events[0]["error"]["message"]
