@@ -267,3 +267,16 @@ def test_a_first_token_timeout_after_the_headers_is_an_error_event(model_dir: Pa
     events = data_events(lines)
     assert len(events) == 1, lines
     assert "first token" in events[0]["error"]["message"]
+
+
+def test_a_stream_that_leaves_while_its_backend_loads_is_counted_gone(model_dir: Path, tmp_path: Path) -> None:
+    with (
+        running_gateway(tmp_path / "gw", profile("slow", model_dir, "--start-delay", "2.0"), ENV) as gateway,
+        gateway.client() as client,
+    ):
+        with client.stream("POST", "/v1/chat/completions", json=stream_body("slow")) as reply:
+            assert next(timed_lines(reply))[1] == ": loading"
+        left_at = time.monotonic()
+        wait_for(lambda: outcome_count(gateway, "client_gone", "slow") == 1, 5, "the departure in /metrics")
+        assert time.monotonic() - left_at < 1.5, "the request waited for the backend after its client left"
+        assert gateway.models()["slow"]["backend"]["running"] == 0

@@ -312,6 +312,11 @@ class CompletionHandler:
                 error = failed
                 yield sse_error(failed)
                 return
+            except Exception as bug:
+                logger.exception("unexpected error starting request %s", record.request_id)
+                error = bug
+                yield sse_error(GatewayError(f"internal error: {type(bug).__name__}"))
+                return
             async for piece in relay_stream(upstream, rewriter, self.timeouts):
                 yield piece
         except BaseException as caught:  # the client went away: the stream is cancelled or closed
