@@ -13,6 +13,10 @@
         └── BackendDied               502 (connection lost mid-response)
 
 Lower-level exceptions (httpx, OS) are mapped to these in one place: `app.proxy.relay`.
+
+A streaming request has its 200 and headers once admitted; an error after that point (a backend that
+fails to start, dies, or times out) reaches the client as the stream's last event, `data: <body()>`, with
+no status of its own (app/proxy/handler.py). Refusals before admission keep their status.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ API-key check and 401, the same OpenAI-shaped errors (a GatewayError's status an
 bug), and the same client-disconnect behaviour (a watcher on `receive` cancels the stream, which closes
 the upstream socket and stops the backend). Every other path, and every request when CORS is configured
 (whose headers starlette's middleware adds), goes through the FastAPI app as before.
+
+A streaming response's status line and headers go out as soon as the handler returns it, which it does
+once the request is admitted: the wait for a slot, the backend and the first token happens inside its
+body, with SSE comments meanwhile (app/proxy/handler.py). The disconnect watcher covers that wait too.
 """
 
 from __future__ import annotations

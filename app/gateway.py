@@ -42,7 +42,11 @@ class Gateway:
         self.handler = CompletionHandler(
             self.pool,
             self.http,
-            RelayTimeouts(first_token=settings.first_token_timeout, inactivity=settings.inactivity_timeout),
+            RelayTimeouts(
+                first_token=settings.first_token_timeout,
+                inactivity=settings.inactivity_timeout,
+                keepalive=settings.keepalive_seconds,
+            ),
             settings.max_body_bytes,
         )
         # Model value -> its local directory, once resolved present (see model_dir).

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     inactivity_timeout: float = Field(default=120.0, gt=0)
     # Prompt processing sends nothing until the first token, and is slow on a CPU: a longer bound.
     first_token_timeout: float = Field(default=900.0, gt=0)
+    # A streaming request gets its headers once admitted, then an SSE comment at least this often while it
+    # waits (queue, backend start, prompt processing): clients such as OpenCode give up without headers.
+    keepalive_seconds: float = Field(default=10.0, gt=0)
     restart_backoff_initial: float = Field(default=1.0, ge=0)
     restart_backoff_max: float = Field(default=60.0, ge=0)
 

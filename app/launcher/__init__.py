@@ -10,4 +10,8 @@ namespace with subclasses or wrappers:
 - `prefill.py`: an answer that starts with given text (a forced tool call's opening).
 - `hooks.py`: installs all of the above into `mlx_lm.server`.
 - `__main__.py`: the command line.
+
+Prompt progress needs no hook: mlx_lm.server 0.32.2 itself writes `: keepalive n/m` SSE comments on a
+stream while it processes the prompt (its `progress_callback`, once per prefill chunk); the gateway shows
+them to clients as `: prompt n/m` (docs/architecture.md, launcher -> gateway contract).
 """

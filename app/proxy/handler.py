@@ -3,17 +3,30 @@
 A client that leaves at any point stops the work: while queued it leaves the queue, while the
 backend starts it stops waiting, while generating the upstream socket closes (mlx_lm.server then
 stops within a few tokens).
+
+Streaming requests get their headers once admitted (issue 16 item 2): clients such as OpenCode give up
+on a request whose headers take minutes (a long prompt on a CPU). Everything that can refuse a request
+outright (bad input 400, unknown model 404, body too large 413, queue full 429, context too long 400)
+happens before admission and stays a plain HTTP error. After admission the response is a 200 event
+stream at once; while the request waits in the queue (`: queued`), for its backend to start
+(`: loading`) or for the first token (`: waiting`, and the launcher's own `: prompt n/m`), an SSE comment
+goes out at least every `keepalive` seconds. A later failure (the backend fails to start, dies, the
+first-token timeout) is an SSE error event, `data: {"error": {...}}`, that ends the stream; the record
+gets the same outcome as before. Non-streaming clients keep the old order: status with the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
@@ -33,6 +46,7 @@ from app.proxy.relay import (
     open_upstream,
     read_unstreamed,
     relay_stream,
+    sse_error,
 )
 from app.proxy.rewrite import BackendRequest, Kind, build_backend_request
 from app.proxy.upstream import UpstreamResponse
@@ -52,6 +66,16 @@ def request_id_for(request: Request) -> str:
     if given and _REQUEST_ID.match(given):
         return given
     return f"sg-{uuid.uuid4().hex[:20]}"
+
+
+@dataclass
+class Phase:
+    """What an admitted request waits for, named in its keep-alive comments: queued, loading, waiting."""
+
+    name: str = "queued"
+
+    def comment(self) -> bytes:
+        return b": " + self.name.encode() + b"\n\n"
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -218,20 +242,24 @@ class CompletionHandler:
                 slot.admission.release(ticket)
                 slot.backend.touch()
 
+        rewriter = StreamRewriter(backend_request, record, client_model)
+        headers = {"x-request-id": request_id}
+        if backend_request.client_streams:
+            # Headers now; the wait for a slot, the backend and the first token happen in the stream.
+            phase = Phase()
+            return StreamingResponse(
+                self._stream(
+                    partial(self._start, slot, ticket, backend_request, record, phase), phase, rewriter, slot, release
+                ),
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
         try:
-            upstream = await race_disconnect(request, self._start(slot, ticket, backend_request, record))
+            upstream = await race_disconnect(request, self._start(slot, ticket, backend_request, record, Phase()))
         except BaseException as error:
             release()
             self._finish(record, error)
             raise
-        rewriter = StreamRewriter(backend_request, record, client_model)
-        headers = {"x-request-id": request_id}
-        if backend_request.client_streams:
-            return StreamingResponse(
-                self._stream(upstream, rewriter, slot, release),
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
         try:
             read = assemble if backend_request.upstream_streams else read_unstreamed
             answer = await race_disconnect(request, read(upstream, rewriter, self.timeouts, client_model))
@@ -247,34 +275,59 @@ class CompletionHandler:
         return JSONResponse(answer, headers=headers)
 
     async def _start(
-        self, slot: BackendSlot, ticket: Ticket, request: BackendRequest, record: RequestRecord
+        self, slot: BackendSlot, ticket: Ticket, request: BackendRequest, record: RequestRecord, phase: Phase
     ) -> UpstreamResponse:
         for observe in self.start_observers:
             observe(record, slot)
         await slot.admission.wait_turn(ticket)
         record.queue_seconds = ticket.queue_seconds
+        phase.name = "loading"
         await self.pool.ensure_ready(slot)
+        phase.name = "waiting"
         record.upstream_started = time.monotonic()
         return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
 
     async def _stream(
         self,
-        upstream: UpstreamResponse,
+        start: Callable[[], Coroutine[Any, Any, UpstreamResponse]],
+        phase: Phase,
         rewriter: StreamRewriter,
         slot: BackendSlot,
         release: Callable[[], None],
     ) -> AsyncIterator[bytes]:
         record = rewriter.record
         error: BaseException | None = None
+        upstream: UpstreamResponse | None = None
+        starting = asyncio.ensure_future(start())
         try:
+            try:
+                while upstream is None:  # queued, loading, connecting: a sign of life every keep-alive step
+                    done, _ = await asyncio.wait((starting,), timeout=self.timeouts.keepalive)
+                    if done:
+                        upstream = starting.result()
+                    else:
+                        yield phase.comment()
+            except GatewayError as failed:
+                # The headers are out: the failure is the stream's last event (outcome recorded as before).
+                error = failed
+                yield sse_error(failed)
+                return
+            except Exception as bug:
+                logger.exception("unexpected error starting request %s", record.request_id)
+                error = bug
+                yield sse_error(GatewayError(f"internal error: {type(bug).__name__}"))
+                return
             async for piece in relay_stream(upstream, rewriter, self.timeouts):
                 yield piece
-        except BaseException as caught:  # the client went away: starlette cancels us
+        except BaseException as caught:  # the client went away: the stream is cancelled or closed
             error = caught
             raise
         finally:
+            if upstream is None:
+                upstream = await _abandon(starting)
             # Closing the upstream socket is what stops mlx_lm.server from generating.
-            await upstream.aclose()
+            if upstream is not None:
+                await upstream.aclose()
             release()
             if error is not None:
                 self._finish(record, error)
@@ -311,6 +364,17 @@ class CompletionHandler:
                 observe(record)
             except Exception:
                 logger.exception("request observer failed")
+
+
+async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamResponse | None:
+    """Stop a start the stream no longer waits for; the upstream it opened anyway, if it did, to close."""
+    if not starting.done():
+        starting.cancel()  # leaves the queue, or stops waiting for the backend
+        with contextlib.suppress(BaseException):
+            await starting
+    if starting.cancelled() or starting.exception() is not None:
+        return None
+    return starting.result()
 
 
 def _outcome_for(error: GatewayError) -> str:

@@ -7,6 +7,17 @@ The stream is relayed per socket read, not per event: events that arrived togeth
 sent to the client in one write. On a real model that is one token per read, as before; when a backend
 (or a loaded machine) delivers a burst, the gateway pays its per-write cost (ASGI middleware, a syscall)
 once instead of once per token. Silence is bounded per read with one timer, not a task per line.
+
+Before the first token the silence is also cut into `keepalive` steps: each step that ends without a byte
+adds a `: waiting` SSE comment to the stream (clients ignore comments; OpenCode and the like then know the
+request is alive during minutes of prompt processing on a CPU). The first-token timeout bounds silence,
+so a backend that reports prompt progress is not timed out while it makes progress. After the first
+token nothing changes: one timer per read.
+
+Prompt progress: mlx_lm.server (0.32.2, so the launcher too) writes `: keepalive n/m` on a stream after its
+headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the prompt. The relay
+passes comment lines on, and names that one for the client: `: prompt n/m`. Only comment lines take that
+branch, so the per-token path is unchanged.
 """
 
 from __future__ import annotations
@@ -29,12 +40,16 @@ from app.proxy.toolrelay import ToolCallRelay, parse_message
 from app.proxy.upstream import UpstreamError, UpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
+WAITING = b": waiting"
+_MLX_PROGRESS = b": keepalive "  # mlx_lm.server's prompt progress comment, `: keepalive n/m`
 
 
 @dataclass(frozen=True)
 class RelayTimeouts:
     first_token: float
     inactivity: float
+    # Seconds between SSE comments while a streaming request waits (queue, backend start, first token).
+    keepalive: float = 10.0
 
 
 def _backend_message(raw: bytes) -> str:
@@ -111,16 +126,24 @@ async def _sse_batches(
 ) -> AsyncIterator[list[bytes]]:
     """Yield, per socket read, the SSE payloads it completed, bounding the silence between reads."""
     pending = b""
+    silent = 0.0  # seconds without a byte before the first token, in whole keep-alive steps
     while True:
-        limit = timeouts.first_token if record.first_token is None else timeouts.inactivity
+        waiting = record.first_token is None
+        limit = timeouts.first_token if waiting else timeouts.inactivity
+        step = min(timeouts.keepalive, limit - silent) if waiting else limit
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(step):
                 data = await response.read_some()
         except TimeoutError:
-            what = "first token" if record.first_token is None else "next token"
+            silent += step
+            if waiting and silent < limit:
+                yield [WAITING]  # cancelling a read loses nothing: the bytes stay in the reader
+                continue
+            what = "first token" if waiting else "next token"
             raise BackendTimeout(f"the backend sent nothing for {limit:.0f}s while waiting for the {what}") from None
         except UpstreamError as error:
             raise BackendDied(f"the backend connection broke mid-response: {error}") from error
+        silent = 0.0
         if not data:
             if pending.strip():
                 yield _payloads(pending)
@@ -201,11 +224,18 @@ def sse_error(error: GatewayError) -> bytes:
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
 
 
+def _comment(line: bytes) -> bytes:
+    """A backend's SSE comment for the client; mlx_lm.server's prompt progress as `: prompt n/m`."""
+    if line.startswith(_MLX_PROGRESS):
+        return b": prompt " + line[len(_MLX_PROGRESS) :] + b"\n\n"
+    return line + b"\n\n"
+
+
 def _relay_batch(payloads: list[bytes], rewriter: StreamRewriter, now: float, out: list[bytes]) -> bool:
     """Rewrite one read's events into `out`; True once `[DONE]` is among them."""
     for payload in payloads:
         if payload.startswith(b":"):
-            out.append(payload + b"\n\n")
+            out.append(_comment(payload))
             continue
         if payload == b"[DONE]":
             out.append(DONE)

@@ -65,6 +65,8 @@ Speculative statistics (the `"specgate"` key of the usage chunk and of a non-str
 
 Failure modes (flags; they combine)
   --token-delay S          sleep S seconds before each token (a slow model; 0 is the instant mode).
+  --first-token-delay S    sleep S seconds before a request's first token, after its response headers (a long
+                           prompt being processed), sending nothing meanwhile.
   --start-delay S          sleep S seconds before listening (a slow load). SIGTERM rules apply meanwhile.
   --fail-start             after --start-delay, print a model-load traceback ending in
                            "FileNotFoundError: ... config.json" to stderr and exit 1 without listening.
@@ -302,6 +304,7 @@ class Config:
     port: int
     max_tokens: int
     token_delay: float
+    first_token_delay: float
     start_delay: float
     fail_start: bool
     crash_after_tokens: int | None
@@ -325,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--token-delay", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument("--first-token-delay", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--start-delay", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--fail-start", action="store_true")
     parser.add_argument("--crash-after-tokens", type=int, metavar="N")
@@ -798,6 +802,8 @@ class Handler(BaseHTTPRequestHandler):
         if config.hang_after_tokens is not None and index == config.hang_after_tokens:
             log(f"request id={request.request_id}: hanging after {index} tokens (--hang-after-tokens)")
             threading.Event().wait()
+        if index == 0 and config.first_token_delay > 0:
+            time.sleep(config.first_token_delay)
         if config.token_delay > 0:
             time.sleep(config.token_delay)
 
