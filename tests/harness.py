@@ -71,6 +71,17 @@ def toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 
 
+def fake_profile(name: str, model_dir: Path, *flags: str, **fields: Any) -> str:
+    """One profile served by the fake backend program with `flags`; `fields` are written as TOML as given."""
+    lines = [
+        f'[profiles."{name}"]',
+        f'model = "{model_dir}"',
+        f"backend = {{ command = {toml_list([*FAKE_BACKEND, *flags])} }}",
+    ]
+    lines += [f"{key} = {value}" for key, value in fields.items()]
+    return "\n".join(lines) + "\n\n"
+
+
 class GatewayProcess:
     """`specgate serve` in its own process, on a free loopback port, with profiles from text."""
 

@@ -21,22 +21,12 @@ import openai
 import pytest
 
 from tests.conftest import TinyPair
-from tests.harness import FAKE_BACKEND, GatewayProcess, chat, fake_model_dir, running_gateway, toml_list, wait_for
+from tests.harness import GatewayProcess, chat, fake_model_dir, fake_profile, running_gateway, wait_for
 
 KEEPALIVE = 0.2
 # The longest silence allowed on a waiting stream: the interval plus slack for a loaded 2-core machine.
 MAX_GAP = 1.5
 ENV = {"SPECGATE_KEEPALIVE_SECONDS": str(KEEPALIVE)}
-
-
-def profile(name: str, model_dir: Path, *flags: str, **fields: Any) -> str:
-    lines = [
-        f'[profiles."{name}"]',
-        f'model = "{model_dir}"',
-        f"backend = {{ command = {toml_list([*FAKE_BACKEND, *flags])} }}",
-    ]
-    lines += [f"{key} = {value}" for key, value in fields.items()]
-    return "\n".join(lines) + "\n\n"
 
 
 @pytest.fixture
@@ -81,7 +71,7 @@ def outcome_count(gateway: GatewayProcess, outcome: str, name: str) -> float:
 
 def test_headers_while_loading_then_comments_then_tokens(model_dir: Path, tmp_path: Path) -> None:
     with (
-        running_gateway(tmp_path / "gw", profile("slow", model_dir, "--start-delay", "2.5"), ENV) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("slow", model_dir, "--start-delay", "2.5"), ENV) as gateway,
         gateway.client() as client,
     ):
         sent = time.monotonic()
@@ -106,7 +96,7 @@ def test_headers_while_loading_then_comments_then_tokens(model_dir: Path, tmp_pa
 def test_a_slow_first_token_gets_waiting_comments(model_dir: Path, tmp_path: Path) -> None:
     flags = ("--first-token-delay", "1.5")
     with (
-        running_gateway(tmp_path / "gw", profile("think", model_dir, *flags), ENV) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("think", model_dir, *flags), ENV) as gateway,
         gateway.client() as client,
     ):
         client.post("/v1/chat/completions", json=chat("warm", "think", max_tokens=1)).raise_for_status()
@@ -121,7 +111,7 @@ def test_a_slow_first_token_gets_waiting_comments(model_dir: Path, tmp_path: Pat
 def test_a_queued_stream_gets_headers_and_queued_comments(model_dir: Path, tmp_path: Path) -> None:
     flags = ("--token-delay", "0.1")
     with (
-        running_gateway(tmp_path / "gw", profile("one", model_dir, *flags), ENV) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("one", model_dir, *flags), ENV) as gateway,
         gateway.client() as client,
     ):
         client.post("/v1/chat/completions", json=chat("warm", "one", max_tokens=1)).raise_for_status()
@@ -145,7 +135,7 @@ def test_a_queued_stream_gets_headers_and_queued_comments(model_dir: Path, tmp_p
 def test_a_backend_failing_to_start_after_the_headers_is_an_error_event(model_dir: Path, tmp_path: Path) -> None:
     flags = ("--start-delay", "0.8", "--fail-start")
     with (
-        running_gateway(tmp_path / "gw", profile("broken", model_dir, *flags), ENV) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("broken", model_dir, *flags), ENV) as gateway,
         gateway.client() as client,
     ):
         with client.stream("POST", "/v1/chat/completions", json=stream_body("broken")) as reply:
@@ -165,7 +155,7 @@ def test_a_backend_failing_to_start_after_the_headers_is_an_error_event(model_di
 def test_refusals_before_admission_stay_plain_http_errors(model_dir: Path, tmp_path: Path) -> None:
     flags = ("--token-delay", "0.2")
     with (
-        running_gateway(tmp_path / "gw", profile("tight", model_dir, *flags, max_queue=1), ENV) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("tight", model_dir, *flags, max_queue=1), ENV) as gateway,
         gateway.client() as client,
     ):
         unknown = client.post("/v1/chat/completions", json=stream_body("nope"))
@@ -183,7 +173,7 @@ def test_refusals_before_admission_stay_plain_http_errors(model_dir: Path, tmp_p
 def test_a_stream_that_leaves_the_queue_is_dropped(model_dir: Path, tmp_path: Path) -> None:
     flags = ("--token-delay", "0.05")
     with (
-        running_gateway(tmp_path / "gw", profile("one", model_dir, *flags), ENV) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("one", model_dir, *flags), ENV) as gateway,
         gateway.client() as client,
     ):
         client.post("/v1/chat/completions", json=chat("warm", "one", max_tokens=1)).raise_for_status()
@@ -202,7 +192,7 @@ def test_a_stream_that_leaves_the_queue_is_dropped(model_dir: Path, tmp_path: Pa
 def test_cors_headers_are_on_the_early_response(model_dir: Path, tmp_path: Path) -> None:
     env = {**ENV, "SPECGATE_CORS_ORIGINS": "http://app.example"}
     with (
-        running_gateway(tmp_path / "gw", profile("slow", model_dir, "--start-delay", "1.5"), env) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("slow", model_dir, "--start-delay", "1.5"), env) as gateway,
         gateway.client() as client,
     ):
         headers = {"origin": "http://app.example", "x-request-id": "cors-1"}
@@ -217,7 +207,7 @@ def test_cors_headers_are_on_the_early_response(model_dir: Path, tmp_path: Path)
 
 
 def test_the_openai_sdk_reads_a_stream_with_comments(model_dir: Path, tmp_path: Path) -> None:
-    with running_gateway(tmp_path / "gw", profile("slow", model_dir, "--start-delay", "1.0"), ENV) as gateway:
+    with running_gateway(tmp_path / "gw", fake_profile("slow", model_dir, "--start-delay", "1.0"), ENV) as gateway:
         client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
         stream = client.chat.completions.create(
             model="slow", messages=[{"role": "user", "content": "Hi there"}], max_tokens=4, stream=True
@@ -256,7 +246,7 @@ def test_a_first_token_timeout_after_the_headers_is_an_error_event(model_dir: Pa
     env = {**ENV, "SPECGATE_FIRST_TOKEN_TIMEOUT": "1"}
     flags = ("--first-token-delay", "3")  # the readiness probe waits it out too (loading)
     with (
-        running_gateway(tmp_path / "gw", profile("stuck", model_dir, *flags), env) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("stuck", model_dir, *flags), env) as gateway,
         gateway.client() as client,
     ):
         with client.stream("POST", "/v1/chat/completions", json=stream_body("stuck")) as reply:
@@ -271,7 +261,7 @@ def test_a_first_token_timeout_after_the_headers_is_an_error_event(model_dir: Pa
 
 def test_a_stream_that_leaves_while_its_backend_loads_is_counted_gone(model_dir: Path, tmp_path: Path) -> None:
     with (
-        running_gateway(tmp_path / "gw", profile("slow", model_dir, "--start-delay", "2.0"), ENV) as gateway,
+        running_gateway(tmp_path / "gw", fake_profile("slow", model_dir, "--start-delay", "2.0"), ENV) as gateway,
         gateway.client() as client,
     ):
         with client.stream("POST", "/v1/chat/completions", json=stream_body("slow")) as reply:

@@ -13,33 +13,22 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import TinyPair
 from tests.harness import (
-    FAKE_BACKEND,
     PYTHON,
     GatewayProcess,
     chat,
     fake_model_dir,
+    fake_profile,
     read_sse,
     running_gateway,
     toml_list,
     wait_for,
 )
-
-
-def fake_profile(name: str, model_dir: Path, *flags: str, **fields: Any) -> str:
-    lines = [
-        f'[profiles."{name}"]',
-        f'model = "{model_dir}"',
-        f"backend = {{ command = {toml_list([*FAKE_BACKEND, *flags])} }}",
-    ]
-    lines += [f"{key} = {value}" for key, value in fields.items()]
-    return "\n".join(lines) + "\n\n"
 
 
 @pytest.fixture

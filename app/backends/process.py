@@ -127,6 +127,7 @@ class Backend:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected_exit = False
+        self._exit_seen = asyncio.Event()
         # The next request's connection, opened ahead (app/proxy/upstream.py); only while READY.
         self.connections: Preconnected | None = None
 
@@ -182,6 +183,20 @@ class Backend:
             self.log.append("gateway", f"backend marked broken: {reason}")
             self.failure = reason
             self._kill_now()
+
+    async def exited_since_ready(self, within: float = 1.0) -> bool:
+        """Whether the process has died (waiting up to `within` s for the exit to be reaped), and the state
+        no longer claims READY. For a request whose connection failed before any answer: a backend killed
+        between two requests is noticed by `_watch` only once its exit is reaped, which can be after the
+        next request already tried to connect."""
+        if self.process is None:
+            return self.state is not BackendState.READY
+        try:
+            # Set by `_watch` once it has reaped the exit and recorded the crash.
+            await asyncio.wait_for(self._exit_seen.wait(), within)
+        except TimeoutError:
+            return False  # alive: the connection failed for another reason
+        return self.state is not BackendState.READY
 
     def retry_in(self) -> float:
         return max(0.0, self.crashes.retry_at - time.monotonic())
@@ -256,6 +271,7 @@ class Backend:
 
     async def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
         self._expected_exit = False
+        self._exit_seen = asyncio.Event()
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -282,7 +298,13 @@ class Backend:
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
         """Notice an unexpected exit at once, so the state never claims a dead process is ready."""
-        code = await process.wait()
+        exit_seen = self._exit_seen
+        try:
+            self._on_exit(process, await process.wait())
+        finally:
+            exit_seen.set()
+
+    def _on_exit(self, process: asyncio.subprocess.Process, code: int) -> None:
         if self._expected_exit or process is not self.process:
             return
         reason = f"exited with code {code}"

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.adaptive import Plan, SpeculationPlanner
 from app.backends.pool import BackendPool, BackendSlot
-from app.errors import BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
+from app.errors import BackendDied, BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
 from app.profiles import Profile, ProfileSet
 from app.proxy.context import check_prompt_length, fit_top_k
 from app.proxy.record import RequestRecord
@@ -285,7 +285,18 @@ class CompletionHandler:
         await self.pool.ensure_ready(slot)
         phase.name = "waiting"
         record.upstream_started = time.monotonic()
-        return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
+        try:
+            return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
+        except BackendDied:
+            # Nothing reached the backend's answer or the client yet. If the backend died since its last
+            # request (killed, crashed while idle), restart it and send this request once more instead of
+            # failing a request that never had a chance.
+            if not await slot.backend.exited_since_ready():
+                raise
+            phase.name = "loading"
+            await self.pool.ensure_ready(slot)
+            phase.name = "waiting"
+            return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
 
     async def _stream(
         self,
