@@ -172,13 +172,17 @@ def test_bad_input_table_with_a_concurrent_good_request(gateway: GatewayProcess)
         failures: list[str] = []
 
         def keep_asking() -> None:
+            # At least one request, whenever the thread gets to run: on a loaded machine the table can be
+            # done before this thread starts, and a `while not stop` loop then sent nothing at all.
             with gateway.client() as other:
-                while not stop.is_set():
+                while True:
                     reply = other.post("/v1/chat/completions", json=good())
                     if reply.status_code != 200:
                         failures.append(reply.text)
                     else:
                         seen.append(reply.json()["choices"][0]["message"]["content"])
+                    if stop.is_set():
+                        break
 
         worker = threading.Thread(target=keep_asking)
         worker.start()
