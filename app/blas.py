@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import sys
@@ -54,7 +55,6 @@ class BlasChoiceError(ValueError):
 class BlasPlan:
     """What the supervisor does to a backend's environment for its BLAS."""
 
-    requested: str
     # Shared library to preload; None: MLX keeps the BLAS it was built with.
     library: Path | None
     # Family for messages ("mkl", "openblas", "custom"); the backend reports what it really got.
@@ -105,31 +105,32 @@ def plan(value: str) -> BlasPlan:
     """Turn a validated `blas` value into what the supervisor does."""
     if not sys.platform.startswith("linux"):
         # macOS: MLX runs on Metal, and its CPU ops on Accelerate; other systems: nothing known to do.
-        return BlasPlan(value, None, "native", note=f"nothing to preload on {sys.platform}")
+        return BlasPlan(None, "native", note=f"nothing to preload on {sys.platform}")
     if value == OFF:
-        return BlasPlan(value, None, "bundled", note=f"blas = off ({SETTING_NAME} or the profile's backend.blas)")
+        return BlasPlan(None, "bundled", note=f"blas = off ({SETTING_NAME} or the profile's backend.blas)")
     if value == AUTO:
         return _auto_plan()
     library = Path(value)
-    family = _family_of(library.name)
-    return BlasPlan(value, library, family, MKL_THREAD_ENV if family == "mkl" else {})
+    family = family_of(library.name)
+    return BlasPlan(library, family, dict(MKL_THREAD_ENV) if family == "mkl" else {})
 
 
 def _auto_plan() -> BlasPlan:
     mkl = find_mkl()
     if mkl is not None:
-        return BlasPlan(AUTO, mkl, "mkl", dict(MKL_THREAD_ENV))
+        return BlasPlan(mkl, "mkl", dict(MKL_THREAD_ENV))
     openblas = find_system_openblas()
     if openblas is not None:
-        return BlasPlan(AUTO, openblas, "openblas")
+        return BlasPlan(openblas, "openblas")
     hint = (
         "pip install mkl"
         if platform.machine() in ("x86_64", "AMD64")
         else "apt-get install libopenblas0-pthread (or set SPECGATE_BLAS to a library exporting cblas_sgemm)"
     )
-    return BlasPlan(AUTO, None, "bundled", note=f"no MKL or OpenBLAS found: {hint}")
+    return BlasPlan(None, "bundled", note=f"no MKL or OpenBLAS found: {hint}")
 
 
+@functools.cache  # asked at every backend start; the installed files do not change while we run
 def find_mkl() -> Path | None:
     """`libmkl_rt` of the installed `mkl` distribution (PyPI puts it in the environment's lib/)."""
     try:
@@ -144,6 +145,7 @@ def find_mkl() -> Path | None:
     return None
 
 
+@functools.cache  # find_library runs ldconfig: once is enough
 def find_system_openblas() -> Path | None:
     """A system OpenBLAS that exports the plain `cblas_sgemm` (Debian's does; PyPI's does not)."""
     name = ctypes.util.find_library("openblas")
@@ -153,9 +155,12 @@ def find_system_openblas() -> Path | None:
     return Path(name)
 
 
-def _family_of(file_name: str) -> str:
+def family_of(file_name: str) -> str:
+    """ "mkl", "openblas", "reference" (Netlib's libblas, as the mlx-cpu wheel bundles it) or "custom"."""
     if file_name.startswith("libmkl"):
         return "mkl"
     if "openblas" in file_name:
         return "openblas"
+    if file_name.startswith("libblas"):
+        return "reference"
     return "custom"

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from app.blas import family_of
+
 # A clear line between the reference BLAS (4-6 GFLOP/s on the 2-core Xeons measured) and any optimized
 # one (MKL ~400, OpenBLAS ~350 there; one modern core of either is well above this).
 FAST_GFLOPS = 25.0
@@ -100,13 +102,12 @@ def bundled_blas() -> str | None:
 def library_version(path: str) -> tuple[str, str | None]:
     """(family, version) of a BLAS library, asked from the library itself where it can say."""
     name = Path(path).name
-    if name.startswith("libmkl"):
-        return "mkl", _mkl_version(path)
-    if "openblas" in name:
-        return "openblas", _openblas_version(path)
-    if name.startswith("libblas"):
-        return "reference", None
-    return name, None
+    family = family_of(name)
+    if family == "mkl":
+        return family, _mkl_version(path)
+    if family == "openblas":
+        return family, _openblas_version(path)
+    return (family, None) if family == "reference" else (name, None)
 
 
 def _mkl_version(path: str) -> str | None:
