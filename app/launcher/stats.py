@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -95,6 +95,8 @@ class RequestStats:
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0
+    # Of the cached prompt tokens, those the disk tier restored (app/launcher/disk_tier.py).
+    disk_cached_tokens: int = 0
 
     def mark_started(self) -> None:
         self.started_at = time.perf_counter()
@@ -124,6 +126,7 @@ class RequestStats:
             "accepted_per_position": list(spec.accepted_per_position) if spec else [],
             "prompt_tokens": prompt_tokens,
             "cached_tokens": max(cached_tokens, 0),
+            "cached_tokens_disk": min(self.disk_cached_tokens, max(cached_tokens, 0)),
             "generation_tokens": generation_tokens,
             "prompt_seconds": _seconds(self.started_at, self.first_token_at),
             "generation_seconds": _seconds(self.first_token_at, self.last_token_at),
@@ -145,6 +148,7 @@ class BackendCounters:
         self._requests_finished = 0
         self._tokens_generated = 0
         self._dtypes: dict[str, str | None] = {"model_dtype": None, "draft_dtype": None}
+        self._sections: dict[str, Callable[[], dict[str, Any]]] = {}
 
     def request_started(self) -> None:
         with self._lock:
@@ -162,12 +166,17 @@ class BackendCounters:
         with self._lock:
             self._dtypes = {"model_dtype": model, "draft_dtype": draft}
 
+    def add_section(self, name: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Another part's own figures, read at each snapshot (e.g. the disk tier's)."""
+        self._sections[name] = snapshot
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {
+            counters = {
                 "requests_started": self._requests_started,
                 "requests_finished": self._requests_finished,
                 "tokens_generated": self._tokens_generated,
                 "active_requests": self._requests_started - self._requests_finished,
                 **self._dtypes,
             }
+        return {**counters, **{name: snapshot() for name, snapshot in self._sections.items()}}

@@ -7,6 +7,8 @@ Layout (everything specgate writes lives under the store root):
     <root>/.staging/<name>+<rand>/  a model being written; renamed to <root>/<name> when complete
     <root>/.downloads/<name>/       catalog wheels and the assembled GGUF of an unfinished pull
     <root>/.locks/<name>.lock       one writer per name (CLI and gateway may race)
+    <root>/.prompt-cache/<identity>/  prompt KV caches the backends keep on disk, one directory per model
+                                    identity (app/launcher/disk_tier.py); SPECGATE_PROMPT_CACHE_DIR moves them
 
 A directory without a manifest is not a model: the manifest is written last, and the directory
 appears only through an atomic rename, so a crash never leaves a half-written model in place.
@@ -36,6 +38,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 # dtype is a profile's choice: the launcher casts at load (`--dtype float32` is fastest on a CPU).
 DEFAULT_DTYPE = "float16"
 STORE_ENV = "SPECGATE_MODEL_STORE"
+# Below the store root: the backends' prompt caches on disk (the default of SPECGATE_PROMPT_CACHE_DIR).
+PROMPT_CACHE_DIR = ".prompt-cache"
 # Names become directory names; keep them portable and free of path tricks.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
