@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     unfused = install_verify_attention(mode)
     if unfused:
         print(f"specgate launcher: verification attention unfused ({mode}): no cuDNN plan per shape", file=sys.stderr)
-    tier = install(options, BackendCounters(), blas=blas.summary, attention="unfused" if unfused else "fused")
+    tier = install(options, BackendCounters(), blas=blas.identity, attention="unfused" if unfused else "fused")
     install_sigterm_drain(tier)
     # mlx_lm.server.main() parses sys.argv itself: hand it exactly the flags that are its own.
     sys.argv = ["python -m app.launcher", *server_argv]
