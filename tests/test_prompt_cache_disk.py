@@ -406,3 +406,35 @@ def test_two_backends_of_one_model_share_the_directory(
     assert restored(got) == len(reference.prompt_tokens("chat", chat)) - 1
     assert_greedy(reference, got, chat)
     assert len(entries(tmp_path)) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark command, at a tiny scale
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bench_prompt_cache_measures_cold_memory_and_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.bench.prompt_cache import PromptCacheConfig, run_prompt_cache, text_report
+    from app.testing.tiny_model import TinyModelSpec, write_model
+
+    # OpenCode's system prompt is ~6,000 tokens of the tiny tokenizer: a model with room for it.
+    model = write_model(tmp_path / "long-context", TinyModelSpec(max_position_embeddings=16384))
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "bench.toml").write_text(f'[profiles."tiny"]\nmodel = "{model}"\n')
+    monkeypatch.setenv("SPECGATE_MODEL_STORE", str(tmp_path / "store"))
+    config = PromptCacheConfig(profile="tiny", profiles_dir=profiles, max_tokens=8, timeout=120.0, cold_check=True)
+
+    result = run_prompt_cache(config, lambda line: None)
+
+    phases = {phase.name: phase for phase in result.phases}
+    assert list(phases) == ["cold", "memory", "disk", "cold-check"]
+    assert phases["cold"].sample.cached_tokens == 0
+    shared = phases["memory"].sample.cached_tokens
+    assert shared > 0.9 * phases["memory"].sample.prompt_tokens
+    assert phases["memory"].disk_tokens == 0
+    assert phases["disk"].disk_tokens == phases["disk"].sample.cached_tokens == shared
+    assert phases["cold-check"].sample.cached_tokens == 0
+    assert result.equal_outputs() == {"memory = disk": True, "cold-check = memory": True, "cold-check = disk": True}
+    assert result.ratio() is not None
+    assert "disk / cold time to first token" in text_report(result)

@@ -120,12 +120,13 @@ def register(subparsers: Any) -> None:
         help="measure speculative profiles against their baselines, the gateway's overhead, tool decisions",
         description="Measure decode speed, time to first token, acceptance and greedy equality of speculative "
         "profiles against their baseline twins, through a running gateway (or any OpenAI-compatible URL). "
-        "Sub-commands: overhead, discrimination.",
+        "Sub-commands: overhead, discrimination, prompt-cache.",
     )
     _add_main_options(bench)
     bench.set_defaults(func=cmd_bench)
-    commands = bench.add_subparsers(dest="bench_command", metavar="{overhead,discrimination}")
-    from app.bench import discrimination, overhead
+    commands = bench.add_subparsers(dest="bench_command", metavar="{overhead,discrimination,prompt-cache}")
+    from app.bench import discrimination, overhead, prompt_cache
 
     overhead.register(commands)
     discrimination.register(commands)
+    prompt_cache.register(commands)
