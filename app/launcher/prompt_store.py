@@ -339,7 +339,12 @@ class PromptStore:
             "tokens": "[" + ",".join(map(str, plan.tokens)) + "]",
             "layers": str(len(tensors) // 2),
         }
-        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._refresh()
+            if plan.parent is not None and plan.parent not in self._tokens:
+                # Evicted (here or by another backend) since the plan was made: the child would be an orphan.
+                logger.info("prompt cache on disk: not saving %s: its parent %s is gone", plan.name, plan.parent)
+                return
         temp = self.directory / f"{TEMP_PREFIX}{plan.name}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
             size = write_entry(temp, tensors, metadata)
