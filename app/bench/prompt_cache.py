@@ -63,6 +63,8 @@ class Phase:
     session: str
     sample: Sample
     load: list[float] = field(default_factory=machine.load_average)
+    # The backend's own disk-tier figures after the request (`GET /specgate/stats`); None if it has none.
+    disk: dict[str, Any] | None = None
 
     @property
     def disk_tokens(self) -> int:
@@ -85,6 +87,7 @@ class Phase:
             "client_ttft_s": self.sample.ttft,
             "e2e_s": self.sample.e2e,
             "load_average": self.load,
+            "backend_disk_tier": self.disk,
             "output": self.sample.output,
         }
 
@@ -136,12 +139,30 @@ def _request(url: str, config: PromptCacheConfig, session: str, name: str, progr
         sample = stream_chat(http, url, body, Sample(name, config.profile, session, 0, None), config.timeout)
     if sample.error is not None:
         raise BenchError(f"{name} request failed: {sample.error}")
-    phase = Phase(name, session, sample)
+    phase = Phase(name, session, sample, disk=_disk_figures(url, config.profile, saved=name == "cold"))
     progress(
         f"  {sample.prompt_tokens} prompt tokens, {sample.cached_tokens} cached ({phase.disk_tokens} from disk), "
         f"backend {phase.prompt_seconds}s to the first token"
     )
     return phase
+
+
+def _disk_figures(url: str, profile: str, saved: bool) -> dict[str, Any] | None:
+    """The backend's disk tier figures, read from the backend itself (its port is in /v1/models); with
+    `saved`, once the prompt just served is written (the writer works after the answer)."""
+    with httpx.Client(trust_env=False, timeout=10.0) as http:
+        port = http.get(f"{url}/v1/models/{profile}").json()["backend"]["port"]
+
+        def stores() -> list[dict[str, Any]]:
+            section = http.get(f"http://127.0.0.1:{port}/specgate/stats").json().get("prompt_cache_disk") or {}
+            return list(section.get("stores") or [])
+
+        deadline = time.monotonic() + 120.0
+        found = stores()
+        while saved and not any(store.get("saved") for store in found) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            found = stores()
+    return found[0] if found else None
 
 
 def _load_backend(url: str, profile: str, timeout: float, progress: Progress) -> None:
@@ -198,6 +219,15 @@ def text_report(result: PromptCacheResult) -> str:
             f"{p.name:<11} {p.session:>7} {p.sample.prompt_tokens:>7} {p.sample.cached_tokens:>7} {p.disk_tokens:>7} "
             f"{_fmt(p.prompt_seconds):>15} {_fmt(p.sample.ttft):>14} {p.load[0] if p.load else '-':>8}"
         )
+    for p in result.phases:
+        disk = p.disk or {}
+        if p.name == "cold" and disk.get("saved"):
+            lines.append(
+                f"saved after the cold turn: {disk['saved_bytes'] / 1e6:.0f} MB; generation thread paused "
+                f"{disk['last_save_copy_seconds']}s for the copy, written in {disk['last_save_seconds']}s (background)"
+            )
+        if p.name == "disk" and disk.get("restored"):
+            lines.append(f"restored {disk['restored_tokens']} tokens from disk in {disk['last_restore_seconds']}s")
     ratio = result.ratio()
     if ratio is not None:
         verdict = "goal met" if ratio <= 0.10 else "goal NOT met"

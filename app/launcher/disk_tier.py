@@ -36,6 +36,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,9 @@ class DiskTier:
             plan = store.plan_save(list(prompt[:length]))
             if plan is None:
                 return
+            started = time.perf_counter()
             tensors = host_tensors(cache, plan.parent_length, plan.length)
+            store.counters.last_save_copy_seconds = round(time.perf_counter() - started, 3)
         except Exception:
             logger.exception("prompt cache on disk: could not prepare a save")
             return
