@@ -187,3 +187,19 @@ def test_two_stores_on_one_directory_see_each_others_entries(tmp_path: Path) -> 
     save(one, [*SYSTEM, 9, 9, 9, 9])
     assert files(tmp_path) == []
     assert restored_tokens(two, [*turn1, 5, 6, 7, 8, 9]) is None
+
+
+def test_a_save_writes_the_kv_as_it_was_even_if_the_cache_changes_before_the_write(store: PromptStore) -> None:
+    # The writer reads the cache's memory through views, later than the generation thread took them. MLX
+    # reuses a buffer in place only when nothing else references it: the views must keep the bytes.
+    tokens = [*SYSTEM, 1, 2, 3, 4]
+    cache = kv_for(tokens)
+    plan = store.plan_save(tokens)
+    assert plan is not None
+    tensors = host_tensors(cache, plan.parent_length, plan.length)
+    for layer in cache:
+        layer.trim(20)
+        layer.update_and_fetch(mx.zeros((1, 2, 10, 4)), mx.zeros((1, 2, 10, 4)))
+        mx.eval(layer.keys, layer.values)
+    store.commit(plan, tensors)
+    assert restored_tokens(store, [*tokens, 5]) == tokens

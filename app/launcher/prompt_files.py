@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class EntryHeader:
 
 @dataclass(frozen=True)
 class Tensor:
-    """One array to write: raw bytes in C order, with the dtype and shape the reader must see."""
+    """One array to write, with the dtype and shape the reader must see (bfloat16 data as uint16 bits)."""
 
     name: str
     dtype: str  # a key of SAFETENSORS_DTYPES
@@ -70,19 +71,23 @@ class Tensor:
 
 
 def write_entry(path: Path, tensors: list[Tensor], metadata: dict[str, str]) -> int:
-    """Write `path` (the caller renames it into place); returns its size in bytes."""
+    """Write `path` (the caller renames it into place); returns its size in bytes.
+
+    The tensors may be strided views of the KV caches (a slice of the token axis): they are read in place,
+    block by block, never copied whole."""
     header: dict[str, Any] = {}
     offset = 0
     crc = 0
     for tensor in tensors:
-        data = np.ascontiguousarray(tensor.data)
+        size = tensor.data.nbytes
         header[tensor.name] = {
             "dtype": SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + data.nbytes],
+            "data_offsets": [offset, offset + size],
         }
-        offset += data.nbytes
-        crc = zlib.crc32(data.data.cast("B"), crc)
+        offset += size
+        for block in _blocks(tensor.data):
+            crc = zlib.crc32(block, crc)
     header["__metadata__"] = {**metadata, "crc32": str(crc)}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     # safetensors readers expect the data to start 8-byte aligned: pad the header with spaces.
@@ -91,8 +96,19 @@ def write_entry(path: Path, tensors: list[Tensor], metadata: dict[str, str]) -> 
         file.write(len(encoded).to_bytes(8, "little"))
         file.write(encoded)
         for tensor in tensors:
-            file.write(np.ascontiguousarray(tensor.data).data.cast("B"))
+            for block in _blocks(tensor.data):
+                file.write(block)
     return 8 + len(encoded) + offset
+
+
+def _blocks(array: np.ndarray) -> Iterator[memoryview]:
+    """`array`'s bytes in C order, as the largest pieces that are contiguous in memory (no copy for a
+    slice of the token axis of a `(1, heads, tokens, dim)` cache; a copy only of pieces that are not)."""
+    if array.flags.c_contiguous or array.ndim <= 1:
+        yield np.ascontiguousarray(array).data.cast("B")
+        return
+    for part in array:
+        yield from _blocks(part)
 
 
 def read_header(path: Path) -> EntryHeader:
