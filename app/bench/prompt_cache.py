@@ -162,7 +162,8 @@ def _disk_figures(url: str, profile: str, saved: bool) -> dict[str, Any] | None:
         while saved and not any(store.get("saved") for store in found) and time.monotonic() < deadline:
             time.sleep(0.5)
             found = stores()
-    return found[0] if found else None
+    # The directory is the bench's scratch copy, gone when it ends.
+    return {key: value for key, value in found[0].items() if key != "directory"} if found else None
 
 
 def _load_backend(url: str, profile: str, timeout: float, progress: Progress) -> None:
