@@ -440,7 +440,7 @@ def test_bench_prompt_cache_measures_cold_memory_and_disk(tmp_path: Path, monkey
     # The backend's own figures: the cold turn's save (copy and write timed), the restore.
     cold_disk, disk_disk = phases["cold"].disk or {}, phases["disk"].disk or {}
     assert cold_disk["saved"] == 1
-    assert cold_disk["last_save_copy_seconds"] is not None
+    assert cold_disk["last_save_pause_seconds"] is not None
     assert disk_disk["restored_tokens"] == shared
     report = text_report(result)
     assert "disk / cold time to first token" in report

@@ -225,7 +225,8 @@ def text_report(result: PromptCacheResult) -> str:
         if p.name == "cold" and disk.get("saved"):
             lines.append(
                 f"saved after the cold turn: {disk['saved_bytes'] / 1e6:.0f} MB; generation thread paused "
-                f"{disk['last_save_copy_seconds']}s for the copy, written in {disk['last_save_seconds']}s (background)"
+                f"{disk['last_save_pause_seconds']}s to take views of the KV, written in "
+                f"{disk['last_save_seconds']}s (background)"
             )
         if p.name == "disk" and disk.get("restored"):
             lines.append(f"restored {disk['restored_tokens']} tokens from disk in {disk['last_restore_seconds']}s")

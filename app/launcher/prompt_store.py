@@ -85,8 +85,8 @@ class StoreCounters:
     restored_tokens: int = 0
     discarded: int = 0
     evicted: int = 0
-    # A save pauses the generation thread for the copy of the new tokens' KV; the writer does the rest.
-    last_save_copy_seconds: float | None = None
+    # What a save costs the generation thread (taking views of the new tokens' KV); the writer does the rest.
+    last_save_pause_seconds: float | None = None
     last_save_seconds: float | None = None
     last_restore_seconds: float | None = None
 
