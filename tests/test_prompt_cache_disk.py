@@ -445,3 +445,21 @@ def test_bench_prompt_cache_measures_cold_memory_and_disk(tmp_path: Path, monkey
     report = text_report(result)
     assert "disk / cold time to first token" in report
     assert f"restored {shared} tokens from disk" in report
+
+
+def test_nothing_is_written_with_quantized_kv_or_for_an_entry_over_the_bound(
+    launcher_factory: LauncherFactory, tiny_pair: TinyPair, tmp_path: Path
+) -> None:
+    chat = messages("Tell me a story about a robot")
+    quantized = launcher_factory.ready(*launcher_args(tiny_pair, "plain", tmp_path / "quantized", "--kv-bits", "8"))
+    ask(quantized, chat)
+    assert "prompt caches stay in memory only" in quantized.stderr()
+    assert "prompt_cache_disk" not in httpx.get(quantized.base_url + "/specgate/stats", timeout=5.0).json()
+    assert not (tmp_path / "quantized").exists()
+
+    bound = ("--prompt-cache-disk-bytes", "1000")
+    small = launcher_factory.ready(*launcher_args(tiny_pair, "plain", tmp_path / "small", *bound))
+    ask(small, chat)
+    wait_for(lambda: "over the bound; not saved" in small.stderr(), 30.0, "the save to be refused")
+    assert entries(tmp_path / "small") == []
+    assert disk_stats(small)["stores"][0]["evicted"] == 0

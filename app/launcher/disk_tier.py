@@ -257,6 +257,10 @@ class DiskTier:
         except Exception:
             logger.exception("prompt cache on disk: could not prepare a save")
             return
+        size = sum(tensor.data.nbytes for tensor in tensors)
+        if size > self.settings.max_bytes:
+            logger.info("prompt cache on disk: %d tokens take %d bytes, over the bound; not saved", length, size)
+            return
         if not self.writer.submit(_commit_job(store, plan, tensors)):
             logger.info("prompt cache on disk: writer busy; not saving %d tokens", len(plan.tokens))
 

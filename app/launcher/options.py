@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,11 @@ def parse_args(argv: list[str]) -> tuple[LauncherOptions, list[str]]:
     if namespace.prompt_cache_dir is not None:
         if namespace.prompt_cache_disk_bytes < 0 or namespace.prompt_cache_min_tokens < 1:
             parser.error("--prompt-cache-disk-bytes must be >= 0 and --prompt-cache-min-tokens >= 1")
-        if namespace.prompt_cache_disk_bytes > 0:
+        if any(arg.startswith("--kv-b") for arg in rest):  # mlx_lm.server also takes abbreviations
+            # Quantized KV caches are not saved, and plain ones must not be restored into a run that
+            # quantizes: its cold KV values differ. Off rather than wrong.
+            print("specgate launcher: --kv-bits: prompt caches stay in memory only", file=sys.stderr)
+        elif namespace.prompt_cache_disk_bytes > 0:
             disk_cache = DiskTierSettings(
                 namespace.prompt_cache_dir, namespace.prompt_cache_disk_bytes, namespace.prompt_cache_min_tokens
             )

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import mlx.core as mx
@@ -122,6 +123,8 @@ class PromptStore:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
+            if not S_ISREG(stat.st_mode):
+                continue  # not something this store wrote: left alone
             name = path.name.removesuffix(SUFFIX)
             known = self._headers.get(name)
             if known is not None and known[:2] == (stat.st_ino, stat.st_size):
