@@ -203,3 +203,25 @@ def test_a_save_writes_the_kv_as_it_was_even_if_the_cache_changes_before_the_wri
         mx.eval(layer.keys, layer.values)
     store.commit(plan, tensors)
     assert restored_tokens(store, [*tokens, 5]) == tokens
+
+
+def test_an_entry_replaced_by_another_backend_while_being_read_is_not_deleted(tmp_path: Path) -> None:
+    # Two backends saved the same prompt under the same name, one as a chain, one as a root; the second
+    # one's rename lands between the first's index (under its lock) and its read (outside it).
+    one = PromptStore(tmp_path / "one", IDENTITY, max_bytes=1 << 30, min_tokens=4)
+    two = PromptStore(tmp_path / "two", IDENTITY, max_bytes=1 << 30, min_tokens=4)
+    prompt = [*SYSTEM, 1, 2, 3, 4]
+    save(one, SYSTEM)
+    save(one, prompt)
+    save(two, prompt)
+    (replacement,) = files(two.directory)
+    with one._lock:
+        one._refresh()
+        chain = one._chain(replacement.stem, len(prompt))
+    assert [header.parent_length for header, _ in chain] == [0, len(SYSTEM)]
+    os.replace(replacement, one.directory / replacement.name)
+    assert one._load(chain) is None
+    assert (one.directory / replacement.name).exists()
+    # Indexed again, the new file is the entry.
+    assert restored_tokens(one, [*prompt, 5]) == prompt
+    assert read_header(one.directory / replacement.name).parent is None

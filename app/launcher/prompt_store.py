@@ -188,6 +188,15 @@ class PromptStore:
         self.counters.discarded += 1
         path.unlink(missing_ok=True)
 
+    def _replaced(self, name: str) -> bool:
+        """True when the file now under `name` is not the one indexed (lock held)."""
+        try:
+            inode = self._path(name).stat().st_ino
+        except FileNotFoundError:
+            return True
+        known = self._headers.get(name)
+        return known is None or known[0] != inode
+
     def _remove_stale_temp(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if time.time() - path.stat().st_mtime > _STALE_TEMP_SECONDS:
@@ -296,7 +305,11 @@ class PromptStore:
             except (BadCacheFile, OSError, ValueError, RuntimeError) as error:
                 # MLX raises ValueError/RuntimeError for data it cannot read: as damaged as a bad checksum.
                 with self._lock:
-                    self._discard(path, str(error))
+                    if self._replaced(header.name):
+                        # Another backend saved the same prompt under the same name meanwhile: not damage.
+                        logger.info("prompt cache on disk: %s was replaced while being read", path.name)
+                    else:
+                        self._discard(path, str(error))
                 return None
         caches = []
         try:
