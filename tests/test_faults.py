@@ -7,12 +7,15 @@ backend's own side whether generation stopped. Kills are real SIGKILLs of the ba
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -261,3 +264,88 @@ def test_disconnect_stops_the_real_launcher(tiny_pair: TinyPair, tmp_path: Path)
         assert stats["requests_finished"] == stats["requests_started"]
         print(f"the launcher generated {generated} of 3500 tokens for a client that left after 3 events")
         assert generated < 1000
+
+
+# ----- clients that stop reading (issue 19 item 7) -------------------------------------------------------
+
+WRITE_TIMEOUT_ENV = {"SPECGATE_CLIENT_WRITE_TIMEOUT": "1"}
+
+
+def open_stalled_stream(gateway: GatewayProcess, body: dict[str, Any], read_first: int = 0) -> socket.socket:
+    """A streaming client that reads the headers (and `read_first` bytes more), then reads nothing, but stays
+    connected. Its receive buffer is small, so the gateway's writes back up soon."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    sock.connect(("127.0.0.1", gateway.port))
+    payload = json.dumps(body).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    received = b""
+    while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < read_first:
+        chunk = sock.recv(4096)
+        assert chunk, f"the gateway closed the connection early: {received[:300]!r}"
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:300]
+    return sock
+
+
+def closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """Read what is buffered; True once the connection ends (reset or end of file) within `within` s."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def slot_counts(gateway: GatewayProcess, profile: str) -> tuple[int, int]:
+    backend = gateway.models()[profile]["backend"]
+    return backend["running"], backend["waiting"]
+
+
+@pytest.mark.parametrize("cors", [False, True], ids=["fast-path", "starlette-path"])
+@pytest.mark.parametrize("read_first", [0, 20_000], ids=["after-headers", "mid-stream"])
+def test_a_client_that_stops_reading_is_cut_off_and_frees_the_backend(
+    model_dir: Path, tmp_path: Path, cors: bool, read_first: int
+) -> None:
+    # An instant backend that would stream 300k tokens: only the write timeout can end this request early.
+    env = {**WRITE_TIMEOUT_ENV, **({"SPECGATE_CORS_ORIGINS": "http://example.test"} if cors else {})}
+    with running_gateway(tmp_path / "gw", fake_profile("fast", model_dir), env) as gateway, gateway.client() as client:
+        assert client.post("/v1/chat/completions", json=chat("warm", "fast", max_tokens=1)).status_code == 200
+        body = chat("never read", "fast", max_tokens=300_000, stream=True)
+        with open_stalled_stream(gateway, body, read_first) as stalled:
+            wait_for(lambda: slot_counts(gateway, "fast")[0] == 1, 10, "the stalled stream to hold the slot")
+            # A request that queues behind it gets the backend once the stalled client is cut off.
+            queued = client.post("/v1/chat/completions", json=chat("next in line", "fast", max_tokens=5), timeout=30)
+            assert queued.status_code == 200, queued.text
+            assert queued.json()["choices"][0]["message"]["content"] == "echo next in line t4"
+            assert slot_counts(gateway, "fast") == (0, 0)
+            # The backend stopped generating for it (its upstream socket was closed) ...
+            stats = backend_stats(gateway, "fast")
+            assert stats["requests_disconnected"] == 1
+            assert stats["tokens_generated"] < 300_000
+            stable_tokens(gateway, "fast", within=5)
+            # ... and its own connection was closed by the gateway, not left open.
+            assert closed_by_peer(stalled, within=10), "the gateway left the stalled connection open"
+        assert "the client read nothing for 1s; closing its connection" in gateway.log()
+        recent = httpx.get(f"{gateway.url}/status.json", timeout=5).json()["requests"]
+        assert [r["outcome"] for r in recent if r["streaming"]] == ["client_gone"]
+
+
+def test_a_slow_reader_is_not_cut_off(model_dir: Path, tmp_path: Path) -> None:
+    """The bound is on a send that waits, not on the stream: a client that keeps reading, slowly, gets it all."""
+    with running_gateway(tmp_path / "gw", fake_profile("fast", model_dir), WRITE_TIMEOUT_ENV) as gateway:
+        body = chat("read slowly", "fast", max_tokens=4000, stream=True)
+        with gateway.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as reply:
+            events = []
+            for line in reply.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    if len(events) % 500 == 0:
+                        time.sleep(0.5)  # buffers fill meanwhile; each pause is shorter than the timeout
+        assert events[-1] == "data: [DONE]"
+        assert "closing its connection" not in gateway.log()
