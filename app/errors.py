@@ -11,6 +11,7 @@
         ├── BackendStartFailed        503 (the reason from the backend's own log)
         ├── BackendTimeout            504 (no byte from the backend for too long)
         └── BackendDied               502 (connection lost mid-response)
+            └── BackendUnreachable    502 (no answer at all: connect failed or closed before the status line)
 
 Lower-level exceptions (httpx, OS) are mapped to these in one place: `app.proxy.relay`.
 
@@ -113,6 +114,11 @@ class BackendTimeout(BackendError):
 class BackendDied(BackendError):
     status_code = 502
     code = "backend_died"
+
+
+class BackendUnreachable(BackendDied):
+    """The request got no answer at all: if the backend process has died, the request never reached its
+    generation, and the handler sends it again once the backend is back (app/proxy/handler.py)."""
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -7,13 +7,15 @@ per request in `specgate bench overhead` profiles; this one writes the request i
 body over as it arrives, in whatever pieces the socket gives, so the relay can batch what came together.
 
 Chunked responses and `Content-Length` are honoured too, should a backend program send them.
-Transport failures raise `UpstreamError`; mapping them to the gateway's errors is the relay's job.
+Transport failures raise `UpstreamError` (`HeadTimeout` when the status line is too late); mapping them to
+the gateway's errors is the relay's job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 READ_SIZE = 65536
@@ -22,6 +24,26 @@ Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 class UpstreamError(Exception):
     """The connection to the backend failed (refused, reset, closed early, or timed out)."""
+
+
+class HeadTimeout(UpstreamError):
+    """The backend took the request but sent no status line in the time it was given."""
+
+
+class Heartbeat:
+    """When a backend last sent a byte on any of its connections (monotonic seconds).
+
+    One per backend process, shared by its requests: a request still waiting for its status line can tell a
+    backend that is busy answering others (it waits on) from one that has gone silent (hung).
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
 
 
 class _Dechunker:
@@ -71,11 +93,13 @@ class UpstreamResponse:
         headers: dict[str, str],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.status_code = status_code
         self.headers = headers
         self._reader = reader
         self._writer = writer
+        self._heartbeat = heartbeat
         self._dechunker = _Dechunker() if "chunked" in headers.get("transfer-encoding", "").lower() else None
         length = headers.get("content-length", "")
         self._left: int | None = int(length) if length.isdigit() and self._dechunker is None else None
@@ -94,6 +118,8 @@ class UpstreamResponse:
                 if self._left or (self._dechunker is not None and not self._dechunker.finished):
                     raise UpstreamError("the backend closed the connection before the end of the body")
                 return b""
+            if self._heartbeat is not None:
+                self._heartbeat.last = time.monotonic()
             if self._left is not None:
                 self._left -= len(data)
             if self._dechunker is None:
@@ -213,12 +239,16 @@ async def post(
     connect_timeout: float = 10.0,
     write_timeout: float = 30.0,
     connect: Callable[[], Awaitable[Connection]] | None = None,
+    head_patience: Callable[[], float] | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> UpstreamResponse:
     """Send one POST and return once the status line and headers are in (the backend's first byte).
 
     `connect` supplies the connection (a backend's Preconnected.take); without it, a fresh one.
-    The wait for the status line is not bounded here: a backend busy with another request (a draft
-    model serves one at a time) sends nothing until it starts this one; the relay bounds the silence.
+    `head_patience` bounds the wait for the status line: it returns the seconds still allowed, and is asked
+    again each time that much has passed (so the caller can extend the wait while the backend is busy with
+    others); at 0 or below, HeadTimeout. Without it the wait is unbounded. `heartbeat` is stamped when the
+    head and each later piece of the body arrive.
     """
     try:
         async with asyncio.timeout(connect_timeout):
@@ -229,11 +259,26 @@ async def post(
         writer.write(_request_bytes(host, port, path, headers, body))
         async with asyncio.timeout(write_timeout):
             await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
+        head = await _read_head(reader, head_patience)
         status, response_headers = _parse_head(head[:-4])
     except BaseException as error:
         writer.close()
         if isinstance(error, OSError | TimeoutError | asyncio.IncompleteReadError | asyncio.LimitOverrunError):
             raise UpstreamError(f"{type(error).__name__}: {error}") from error
         raise
-    return UpstreamResponse(status, response_headers, reader, writer)
+    if heartbeat is not None:
+        heartbeat.beat()
+    return UpstreamResponse(status, response_headers, reader, writer, heartbeat)
+
+
+async def _read_head(reader: asyncio.StreamReader, patience: Callable[[], float] | None) -> bytes:
+    if patience is None:
+        return await reader.readuntil(b"\r\n\r\n")
+    while (allowed := patience()) > 0:
+        try:
+            async with asyncio.timeout(allowed):
+                # A cancelled readuntil consumes nothing: a head that is half in stays in the buffer.
+                return await reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            continue
+    raise HeadTimeout("no status line from the backend in the time allowed")
