@@ -17,10 +17,16 @@ is this small program instead, and it takes care of every descendant:
   between the fork and a prctl, and it works on macOS too.
 - Then, and also when the backend command itself exits, it kills what is left: every process of its
   session and every child it has (orphans it adopted), round after round until none is left (killing a
-  process can orphan its children onto the guard), and exits.
+  process can orphan its children onto the guard), and exits. (Elsewhere than Linux: its process group,
+  and only when the gateway is gone; the gateway kills the group when it stops or restarts a backend.)
 - It exits the way the command did (the same code, or killed by the same signal), so the gateway's
-  view of a crash is unchanged. SIGTERM, SIGINT and SIGHUP it ignores: the gateway signals the whole
-  process group to stop a backend, so the command gets them, and the guard waits for it to exit.
+  view of a crash is unchanged. Once the command runs, SIGTERM, SIGINT and SIGHUP it ignores: the gateway
+  signals the whole process group to stop a backend, so the command gets them, and the guard waits for it
+  to exit. (Before the fork they end the guard, which then has nothing to clean up.)
+- What it cannot cover: a SIGKILL of the guard itself, by anyone, including the gateway's own SIGKILL of the
+  process group (a stop past its grace period, a backend marked broken). The command then dies too (its
+  parent-death signal), and so does everything still in the group, but a process that left the session is
+  orphaned to init.
 
 Its first line on stdout, right after the fork, is `SPECGATE_EVENT {"event": "spawned", "pid": N}`: the
 command's pid, which the gateway reports as the backend's pid (resident memory, tests that kill it).
