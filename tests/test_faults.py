@@ -720,3 +720,18 @@ def test_queued_clients_leaving_as_their_turn_comes_keep_the_limit_and_the_count
         assert peak <= 4
         with gateway.client() as http:
             assert http.post("/v1/chat/completions", json=chat("still here", "four", max_tokens=3)).status_code == 200
+
+
+def test_a_backend_start_outlives_the_client_that_began_it(model_dir: Path, tmp_path: Path) -> None:
+    """Impatient clients must not kill a model load: each would begin it again, and none would finish."""
+    profiles = fake_profile("slowstart", model_dir, "--start-delay", "2")
+    with running_gateway(tmp_path / "gw", profiles) as gateway:
+        for _ in range(3):  # each leaves well before the backend is up
+            with httpx.Client(base_url=gateway.url, timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
+                impatient.post("/v1/chat/completions", json=chat("hello", "slowstart", max_tokens=2))
+        wait_for(lambda: gateway.models()["slowstart"]["state"] == "ready", 15, "the one start to finish")
+        pid = gateway.backend_pid("slowstart")
+        with gateway.client() as client:
+            assert client.post("/v1/chat/completions", json=chat("hi", "slowstart", max_tokens=2)).status_code == 200
+        assert gateway.backend_pid("slowstart") == pid
+        assert gateway.log().count("starting on port") == 1

@@ -207,7 +207,15 @@ class Backend:
             self._starting = asyncio.ensure_future(self._start_when_free())
             # Retrieve the outcome even if every requester has left (no "exception never retrieved").
             self._starting.add_done_callback(lambda task: task.cancelled() or task.exception())
-        await asyncio.shield(self._starting)
+        starting = self._starting
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if starting.cancelled() and caller is not None and not caller.cancelling():
+                # Not this request's cancellation: `stop` abandoned the start (shutdown, profiles removed).
+                raise BackendStartFailed(f"backend {self.name} was stopped while it started") from None
+            raise
 
     async def _start_when_free(self) -> None:
         async with self._lock:
