@@ -10,16 +10,20 @@ URL, or gave a 500.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
+from app.backends.process import Backend
+from app.errors import InvalidRequest
+from app.proxy.relay import map_backend_status
 from tests.conftest import TinyPair
 from tests.harness import GatewayProcess, chat, fake_profile, running_gateway
 from tests.test_metrics import scrape
@@ -31,6 +35,7 @@ CONTEXT = {BATCH: 256, SPEC: 4096}
 VOCAB = 512  # the tiny models' vocabulary (config.json vocab_size)
 MAX_TOKENS = 8
 JSON = {"content-type": "application/json"}
+COMPLETIONS = "/v1/completions"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Case:
     param: str | None
     fragment: str
     profiles: tuple[str, ...] = PROFILES
+    path: str = "/v1/chat/completions"
 
 
 def good(profile: str, **extra: Any) -> dict[str, Any]:
@@ -50,6 +56,11 @@ def good(profile: str, **extra: Any) -> dict[str, Any]:
 
 def fields(**extra: Any) -> Callable[[str], bytes]:
     return lambda profile: json.dumps(good(profile, **extra)).encode()
+
+
+def text_fields(**extra: Any) -> Callable[[str], bytes]:
+    """A text completion (`/v1/completions`) with `extra`."""
+    return lambda profile: json.dumps({"model": profile, "prompt": "The quick", "max_tokens": 4, **extra}).encode()
 
 
 def raw(text: bytes) -> Callable[[str], bytes]:
@@ -222,6 +233,34 @@ CLASSES: dict[str, list[Case]] = {
         Case("number-in-list", fields(stop=["a", 5]), "stop", "string"),
         Case("nested-list", fields(stop=[["a"]]), "stop", "string"),
     ],
+    # The same fields on text completions (the backend reads them there too).
+    "text-completions": [
+        Case("logit-bias-id", text_fields(logit_bias={"9999": 1}), "logit_bias", "vocabulary", path=COMPLETIONS),
+        Case("logit-bias-null", text_fields(logit_bias={"1": None}), "logit_bias", "null", path=COMPLETIONS),
+        Case(
+            "context-size",
+            text_fields(repetition_context_size=2**40),
+            "repetition_context_size",
+            "context",
+            path=COMPLETIONS,
+        ),
+        Case("xtc", text_fields(xtc_threshold=1.0, xtc_probability=1.0), "xtc_threshold", "0.5", path=COMPLETIONS),
+        Case(
+            "template-kwargs",
+            text_fields(chat_template_kwargs={"return_tensors": "np"}),
+            "chat_template_kwargs",
+            "only",
+            path=COMPLETIONS,
+        ),
+        Case("stop", text_fields(stop=["a"] * 17), "stop", "at most 16", path=COMPLETIONS),
+        Case(
+            "overflow",
+            raw(b'{"model": "MODEL", "prompt": "hi", "top_p": 1e400}'),
+            "top_p",
+            "out of range",
+            path=COMPLETIONS,
+        ),
+    ],
     # Item 11: values the parser or the encoders cannot carry were 500s.
     "json-values": [
         Case("5000-digits", raw(b'{"model": "MODEL", "x": ' + b"9" * 5000 + b"}"), None, "digits"),
@@ -329,9 +368,9 @@ def problems_with(reply: httpx.Response, case: Case) -> str | None:
     return None
 
 
-def send(client: httpx.Client, body: bytes, listener: Listener) -> httpx.Response:
-    content = body.replace(b"TARGET", listener.address.encode())
-    return client.post("/v1/chat/completions", content=content, headers=JSON)
+def send(client: httpx.Client, case: Case, profile: str, listener: Listener) -> httpx.Response:
+    content = case.body(profile).replace(b"TARGET", listener.address.encode())
+    return client.post(case.path, content=content, headers=JSON)
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
@@ -343,7 +382,7 @@ def test_each_payload_is_a_400_naming_the_field_and_the_backends_keep_serving(
     with gateway.client() as client:
         for case in CLASSES[name]:
             for profile in case.profiles:
-                reply = send(client, case.body(profile), listener)
+                reply = send(client, case, profile, listener)
                 problem = problems_with(reply, case)
                 if problem is not None:
                     problems.append(f"{case.id} on {profile}: {problem}")
@@ -489,3 +528,24 @@ def test_valid_values_reach_the_backend_unchanged(tmp_path: Path) -> None:
     assert xtc == (1.0, 0.0)
     assert [type(value) for value in xtc] == [float, float]
     assert not {"top_logprobs", "logprobs"} & set(received)
+
+
+class NamedBackend:
+    """What the error mapping reads of a backend: its name (a 400 never marks it broken)."""
+
+    name = "b1-main"
+
+
+def test_a_backend_400_stays_out_of_the_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """mlx_lm.server's 400s come from its reading of a request, image fetches included: what an internal
+    address answered (here, before the allow-list: the listener resetting the connection) goes to the
+    gateway's log, never to the client. Its 404s (template and generation failures) keep their text."""
+    fetch_error = b'{"error": "[Errno 104] Connection reset by peer"}'
+    with caplog.at_level(logging.WARNING, logger="specgate.requests"):
+        refused = map_backend_status(400, fetch_error, cast(Backend, NamedBackend()))
+    assert isinstance(refused, InvalidRequest)
+    assert "Errno" not in refused.message
+    assert "Connection reset by peer" in caplog.text
+    template = map_backend_status(404, b'{"error": "Conversation roles must alternate"}', cast(Backend, NamedBackend()))
+    assert isinstance(template, InvalidRequest)
+    assert "roles must alternate" in template.message
