@@ -18,12 +18,16 @@ the backend for every request it holds, not only the one that sent it:
   forgery and a port scanner. The backend only ever reads a part's `type`, `text`, `image_url`, `image`.
 - `stop`: each distinct list is compiled into a matcher and cached (up to 100 lists); 300k strings cost
   the backend ~290 MB for good.
+- And values the gateway's own JSON encoding cannot carry: past 254 levels of nesting orjson refuses the
+  body and the stdlib encoder takes over, deeper in the stack than the parser ran, so that 975-977 levels
+  parsed and then ran out of recursion (a 500); `1e400` parses as infinity, which orjson sends as null
+  (`logit_bias` values so became null in the backend: a 502 counted as a backend error).
 
 So each field it reads is checked here against what it can take: OpenAI's documented type and range
 where OpenAI has the field, mlx_lm's own limits where they are narrower, the model's vocabulary and
 context where a value indexes them (`check_model_bounds`). A refusal is a 400 with `param` naming the
-field. Messages never quote the client's text (only numbers, shortened): error records are shown on the
-open status page.
+field. Messages quote no free text of the request, only numbers and the names of fields and part types,
+shortened: error records are shown on the open status page.
 """
 
 from __future__ import annotations
