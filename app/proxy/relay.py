@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
 from app.proxy.toolrelay import ToolCallRelay, parse_message
 from app.proxy.upstream import UpstreamError, UpstreamResponse
+
+logger = logging.getLogger("specgate.requests")
 
 DONE = b"data: [DONE]\n\n"
 WAITING = b": waiting"
@@ -69,7 +72,13 @@ def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayErro
     if "generation thread died" in message:
         backend.note_broken(message)
         return BackendDied(f"backend {backend.name} lost its generation thread and is restarting: {message}")
-    if status in (400, 404, 411, 413, 422):
+    if status == 400:
+        # mlx_lm.server answers 400 while it reads a request: its own field checks (made by the gateway
+        # first: app/proxy/backend_fields.py) and fetching image URLs, whose errors say what an internal
+        # address answered (issue 19). So its words stay in the gateway's log, out of the answer.
+        logger.warning("backend %s refused a request (HTTP 400): %s", backend.name, message)
+        return InvalidRequest("the backend refused the request (HTTP 400); the gateway's log has its reason")
+    if status in (404, 411, 413, 422):
         return InvalidRequest(f"the backend rejected the request: {message}")
     return BackendError(f"backend {backend.name} answered HTTP {status}: {message}")
 
