@@ -117,13 +117,14 @@ def watching_speculative_step(inner: Callable[..., Any]) -> Callable[..., Any]:
     return speculative_generate_step
 
 
-def stop_for_gone_client(stats: RequestStats | None, counters: BackendCounters) -> bool:
-    """For `ctx._should_stop`: whether the client has gone (a prompt in progress counts as abandoned)."""
-    if stats is None or not stats.client_gone():
-        return False
-    if stats.in_prompt:
+def stop_for_gone_client(stats: RequestStats | None, counters: BackendCounters, stopped: bool) -> bool:
+    """For `ctx._should_stop`: whether to stop (already `stopped`, or the client has gone). A prompt in
+    progress whose client has gone counts as abandoned, whichever noticed first: the handler (a failed
+    write, then `ctx.stop()`) or this check."""
+    gone = stats is not None and stats.client_gone()
+    if gone and stats is not None and stats.in_prompt:
         abandon(stats, counters)
-    return True
+    return stopped or gone
 
 
 def abandon(stats: RequestStats, counters: BackendCounters) -> None:

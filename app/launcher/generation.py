@@ -84,9 +84,7 @@ class WatchedGenerationContext(server.GenerationContext):
 
     @property
     def _should_stop(self) -> bool:
-        if self.__dict__.get("_stopped", False):
-            return True
-        return stop_for_gone_client(self.__dict__.get("specgate_stats"), self.counters)
+        return stop_for_gone_client(self.__dict__.get("specgate_stats"), self.counters, self.__dict__["_stopped"])
 
     @_should_stop.setter
     def _should_stop(self, value: bool) -> None:
