@@ -1,7 +1,8 @@
 """A client that leaves stops its work wherever it is (issue 16 item 3), on real launchers with the tiny pair.
 
-Three backends, one per generation path of mlx_lm.server: a draft model (`speculative_generate_step`),
-one request at a time without a draft (`generate_step`), and the batch generator (max_concurrency 2).
+Four backends, one per generation path: a draft model (`speculative_generate_step`), prompt lookup (the
+launcher's own `lookup_generate_step`), one request at a time without a draft (`generate_step`), and
+mlx_lm's batch generator (max_concurrency 2).
 Each runs with `--prefill-step-size 16` and gets a prompt of about 12,000 tokens: hundreds of chunks,
 seconds of prompt processing on the tiny model, so a client can leave in the middle. What happened is
 read from the backend's own counters (`/specgate/stats`): a prompt abandoned, with fewer of its tokens
@@ -24,7 +25,7 @@ import pytest
 from tests.conftest import TinyPair
 from tests.harness import GatewayProcess, backend_stats, chat, read_sse, running_gateway, wait_for
 
-PROFILES = ("spec", "plain", "batch")
+PROFILES = ("spec", "lookup", "plain", "batch")
 # About 12,000 tokens with the tiny tokenizer; 750 chunks of 16.
 LONG_PROMPT = "fox " * 6000
 SHORT = "Write a short greeting."
@@ -40,6 +41,8 @@ def _profiles(pair: TinyPair) -> str:
     return (
         f'[profiles.spec]\nmodel = "{pair.main}"\ndraft_model = "{pair.draft}"\nnum_draft_tokens = 3\n{common}'
         f"backend = {{ args = [{step}] }}\n\n"
+        f'[profiles.lookup]\nmodel = "{pair.main}"\ndraft_model = "prompt-lookup"\nnum_draft_tokens = 3\n{common}'
+        f"backend = {{ args = [{step}] }}\n\n"
         f'[profiles.plain]\nmodel = "{pair.main}"\n{common}backend = {{ args = [{step}] }}\n\n'
         f'[profiles.batch]\nmodel = "{pair.main}"\n{common}backend = {{ args = [{step}], max_concurrency = 2 }}\n'
     )
@@ -47,7 +50,7 @@ def _profiles(pair: TinyPair) -> str:
 
 @pytest.fixture(scope="module")
 def gateway(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    env = {"SPECGATE_MAX_BACKENDS": "3"}
+    env = {"SPECGATE_MAX_BACKENDS": str(len(PROFILES))}
     with running_gateway(tmp_path_factory.mktemp("abandon"), _profiles(tiny_pair), env) as running:
         yield running
 
@@ -56,7 +59,7 @@ def gateway(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> It
 def greedy(gateway: GatewayProcess) -> dict[str, str]:
     """Each profile's answer to SHORT before any client left (also starts the three backends)."""
     answers = {name: short_answer(gateway, name) for name in PROFILES}
-    # The same greedy text on every path: the check below then covers all three against each other too.
+    # The same greedy text on every path: the checks below then compare all paths with each other too.
     assert len(set(answers.values())) == 1, answers
     return answers
 
