@@ -124,7 +124,10 @@ class RequestStats:
 
     @property
     def phase(self) -> str:
-        """`queued` (not taken by the generation thread yet), `prompt` or `generating`."""
+        """`queued` (not taken by the generation thread yet), `prompt`, `generating`, or `abandoned` (its
+        prompt stopped, its handler not yet gone)."""
+        if self.abandoned:
+            return "abandoned"
         if self.tokens > 0 or (self.prompt_total is not None and self.prompt_processed >= self.prompt_total):
             return "generating"
         return "queued" if self.prompt_total is None else "prompt"
