@@ -207,3 +207,13 @@ def test_a_stream_that_leaves_while_generating_stops_generation(
     assert generated < 1000
     assert after["prefills_abandoned"] == before["prefills_abandoned"], "a generation counted as a prefill"
     assert short_answer(gateway, profile) == greedy[profile]
+
+
+def test_status_polls_leave_the_backend_log_alone(gateway: GatewayProcess, greedy: dict[str, str]) -> None:
+    # Every /status.json asks each backend for its stats: a status page open all day must not fill the log.
+    for _ in range(3):
+        backend = next(b for b in httpx.get(f"{gateway.url}/status.json", timeout=5).json()["backends"])
+        assert backend["activity"] is not None
+    log = httpx.get(f"{gateway.url}/logs/plain", params={"lines": 2000}, timeout=5).text
+    assert "POST /v1/chat/completions" in log  # the backend's access log is there
+    assert "/specgate/stats" not in log

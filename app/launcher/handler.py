@@ -34,6 +34,11 @@ def handler_class(counters: BackendCounters) -> type[Any]:
             else:
                 super().do_GET()  # type: ignore[no-untyped-call]
 
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            # The gateway asks for the stats at every refresh of a status page: not worth a log line each.
+            if self.path != STATS_PATH:
+                super().log_request(code, size)
+
         def _send_json(self, payload: dict[str, Any]) -> None:
             body = json.dumps(payload).encode()
             self._set_completion_headers(200)
