@@ -1,8 +1,8 @@
 """The request path: profile -> admission (FIFO) -> backend ready -> upstream -> relay -> record.
 
 A client that leaves at any point stops the work: while queued it leaves the queue, while the
-backend starts it stops waiting, while generating the upstream socket closes (mlx_lm.server then
-stops within a few tokens).
+backend starts it stops waiting, otherwise the upstream socket closes: specgate's launcher then stops a
+prompt at the end of its current prefill chunk, and mlx_lm.server stops generating within a few tokens.
 
 Streaming requests get their headers once admitted (issue 16 item 2): clients such as OpenCode give up
 on a request whose headers take minutes (a long prompt on a CPU). Everything that can refuse a request

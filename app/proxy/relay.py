@@ -14,10 +14,10 @@ request is alive during minutes of prompt processing on a CPU). The first-token 
 so a backend that reports prompt progress is not timed out while it makes progress. After the first
 token nothing changes: one timer per read.
 
-Prompt progress: mlx_lm.server (0.32.2, so the launcher too) writes `: keepalive n/m` on a stream after its
-headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the prompt. The relay
-passes comment lines on, and names that one for the client: `: prompt n/m`. Only comment lines take that
-branch, so the per-token path is unchanged.
+Prompt progress: mlx_lm.server (0.32.2; the launcher also with a draft model) writes `: keepalive n/m` on a
+stream after its headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the
+prompt. The relay passes comment lines on, and names that one for the client: `: prompt n/m`. Only
+comment lines take that branch, so the per-token path is unchanged.
 """
 
 from __future__ import annotations
