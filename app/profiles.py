@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.blas import validate_value as validate_blas
 
 Dtype = Literal["float32", "float16", "bfloat16"]
-# "auto": the gateway picks k per request from what it measures (app/adaptive.py), 0 included.
+# "auto": the gateway picks k per request from what it measures (app/adaptive/), 0 included.
 DraftLength = Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
 # The `draft_model` value that means "draft by prompt lookup": not a model to resolve or load.
 PROMPT_LOOKUP = "prompt-lookup"
