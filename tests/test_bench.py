@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.bench import stats
-from app.bench.cli import parse_k_range
+from app.bench import sample_stats
+from app.bench.arguments import parse_k_range
 from app.bench.client import BenchError, Sample
 from app.bench.discrimination import analyze_decisions, decide
 from app.bench.overhead import OverheadConfig, run_overhead, text_report
@@ -37,30 +37,30 @@ def _quiet(_: str) -> None:
 
 
 def test_percentile_and_median_interpolate_like_numpy() -> None:
-    assert stats.median([3.0, 1.0, 2.0]) == 2.0
-    assert stats.median([1.0, 2.0, 3.0, 4.0]) == 2.5
-    assert stats.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 25) == 2.0
-    assert stats.percentile([10.0, 20.0], 99) == pytest.approx(19.9)
-    assert stats.percentile([7.0], 99) == 7.0
+    assert sample_stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert sample_stats.median([1.0, 2.0, 3.0, 4.0]) == 2.5
+    assert sample_stats.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 25) == 2.0
+    assert sample_stats.percentile([10.0, 20.0], 99) == pytest.approx(19.9)
+    assert sample_stats.percentile([7.0], 99) == 7.0
     with pytest.raises(ValueError, match="no values"):
-        stats.median([])
+        sample_stats.median([])
 
 
 def test_summary_spread_is_the_relative_interquartile_range() -> None:
-    summary = stats.summarize([1.0, 2.0, 3.0, 4.0, 5.0, None])
+    summary = sample_stats.summarize([1.0, 2.0, 3.0, 4.0, 5.0, None])
     assert summary is not None
     assert (summary.n, summary.median, summary.p25, summary.p75) == (5, 3.0, 2.0, 4.0)
     assert summary.spread == pytest.approx(2.0 / 3.0)
-    assert stats.summarize([None, None]) is None
+    assert sample_stats.summarize([None, None]) is None
 
 
 def test_speedup_and_paired_speedup() -> None:
-    assert stats.speedup(3.0, 2.0) == 1.5
-    assert stats.speedup(None, 2.0) is None
-    assert stats.speedup(1.0, 0.0) is None
+    assert sample_stats.speedup(3.0, 2.0) == 1.5
+    assert sample_stats.speedup(None, 2.0) is None
+    assert sample_stats.speedup(1.0, 0.0) is None
     # Per-pair ratios 0.5, 1.0, 2.0 (and an incomplete pair, ignored): their median.
-    assert stats.paired_speedup([(1.0, 2.0), (2.0, 2.0), (4.0, 2.0), (1.0, None)]) == 1.0
-    assert stats.paired_speedup([]) is None
+    assert sample_stats.paired_speedup([(1.0, 2.0), (2.0, 2.0), (4.0, 2.0), (1.0, None)]) == 1.0
+    assert sample_stats.paired_speedup([]) is None
 
 
 def test_first_difference() -> None:
