@@ -9,7 +9,7 @@ namespace with subclasses or wrappers:
 - `loading.py`: dtype cast after loading, the load event.
 - `http_handler.py`: the HTTP handler: in-band figures, `/specgate/stats`, request-id logging.
 - `prefill.py`: an answer that starts with given text (a forced tool call's opening).
-- `client.py`, `abandon.py`: a prompt whose client has left stops at the next prefill chunk; prompt
+- `client_watch.py`, `abandon.py`: a prompt whose client has left stops at the next prefill chunk; prompt
   progress on every path, including those with a draft.
 - `hooks.py`: installs all of the above into `mlx_lm.server`.
 - `__main__.py`: the command line.
