@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.blas import validate_value as validate_blas
 
 Dtype = Literal["float32", "float16", "bfloat16"]
-# "auto": the gateway picks k per request from what it measures (app/adaptive.py), 0 included.
+# "auto": the gateway picks k per request from what it measures (app/adaptive/), 0 included.
 DraftLength = Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
 # The `draft_model` value that means "draft by prompt lookup": not a model to resolve or load.
 PROMPT_LOOKUP = "prompt-lookup"
@@ -170,10 +170,6 @@ class Profile(_Strict):
     def backend_spec(self) -> BackendSpec:
         return BackendSpec(self.model, self.draft_model, self.dtype, self.backend, self.lookup_settings)
 
-    @property
-    def output_limit(self) -> int | None:
-        return self.max_output_tokens
-
 
 @dataclass(frozen=True)
 class BackendSpec:
@@ -190,13 +186,6 @@ class BackendSpec:
     def draft_path(self) -> str | None:
         """The draft model to resolve and load, if any."""
         return None if self.draft_model == PROMPT_LOOKUP else self.draft_model
-
-    def describe(self) -> str:
-        if self.prompt_lookup is not None:
-            lookup = self.prompt_lookup
-            return f"{self.model} + prompt lookup (n-grams {lookup.min_ngram}..{lookup.max_ngram})"
-        draft = f" + draft {self.draft_model}" if self.draft_model else ""
-        return f"{self.model}{draft}"
 
 
 class ProfileSet:

@@ -7,9 +7,9 @@ namespace with subclasses or wrappers:
   in progress (`/specgate/stats`).
 - `cache_fixes.py`: a prompt cache that fixes bugs B1 and B2 of mlx-lm 0.32.2.
 - `loading.py`: dtype cast after loading, the load event.
-- `handler.py`: the HTTP handler: in-band figures, `/specgate/stats`, request-id logging.
+- `http_handler.py`: the HTTP handler: in-band figures, `/specgate/stats`, request-id logging.
 - `prefill.py`: an answer that starts with given text (a forced tool call's opening).
-- `client.py`, `abandon.py`: a prompt whose client has left stops at the next prefill chunk; prompt
+- `client_watch.py`, `abandon.py`: a prompt whose client has left stops at the next prefill chunk; prompt
   progress on every path, including those with a draft.
 - `hooks.py`: installs all of the above into `mlx_lm.server`.
 - `__main__.py`: the command line.

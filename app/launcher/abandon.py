@@ -3,7 +3,7 @@
 mlx_lm.server 0.32.2 stops a request only between generated tokens, and only once the handler thread
 failed to write to the client; a prompt of thousands of tokens went on being processed, chunk by chunk,
 for minutes after the gateway had closed the connection, while the next request waited (issue 16).
-Here the generation thread asks the request's `ClientWatch` (client.py) at every chunk boundary of every
+Here the generation thread asks the request's `ClientWatch` (client_watch.py) at every chunk boundary of every
 path, and stops the prefill when the client has gone:
 
 - one request at a time, no draft (`generate_step`): its `prompt_progress_callback`, once per chunk,

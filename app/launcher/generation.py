@@ -3,7 +3,7 @@
 How one request's figures reach its own response, by construction:
 
 1. The HTTP handler creates a `RequestStats` and attaches it to the `CompletionRequest` object it hands
-   to `ResponseGenerator.generate` (see handler.py).
+   to `ResponseGenerator.generate` (see http_handler.py).
 2. That very object travels through the request queue to the generation thread. With a draft model (and
    for any request the batch generator cannot take) the thread serves it in `_serve_single`, which calls
    `stream_generate` once, synchronously. The `_serve_single` override publishes the request's stats in a

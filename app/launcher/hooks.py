@@ -21,7 +21,7 @@ from app.launcher.generation import (
     counting_batch_generator,
     counting_stream_generate,
 )
-from app.launcher.handler import handler_class
+from app.launcher.http_handler import handler_class
 from app.launcher.loading import casting_load, model_provider_class
 from app.launcher.lookup import dispatching_speculative_step
 from app.launcher.options import LauncherOptions

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from app.launcher.client import ClientWatch
+from app.launcher.client_watch import ClientWatch
 
 T = TypeVar("T")
 

@@ -29,16 +29,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from app.adaptive import Plan, SpeculationPlanner
 from app.backends.pool import BackendPool, BackendSlot
 from app.errors import BackendDied, BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
 from app.profiles import Profile, ProfileSet
 from app.proxy.backend_fields import check_model_bounds
 from app.proxy.context import check_prompt_length, fit_top_k
+from app.proxy.plan import Planner, apply_plan
 from app.proxy.record import RequestRecord
 from app.proxy.relay import (
     RelayTimeouts,
@@ -175,12 +174,13 @@ class CompletionHandler:
     def __init__(
         self,
         pool: BackendPool,
-        http: httpx.AsyncClient,
+        planner: Planner,
         timeouts: RelayTimeouts,
         max_body_bytes: int,
     ) -> None:
         self.pool = pool
-        self.http = http
+        # `auto` draft lengths and routing to a baseline twin under contention (app/adaptive/planner.py).
+        self.planner = planner
         self.timeouts = timeouts
         self.max_body_bytes = max_body_bytes
         self.profiles = ProfileSet([])
@@ -188,7 +188,6 @@ class CompletionHandler:
         self.start_observers: list[StartObserver] = []
         # Called with (profile or None, outcome) for a request refused before it had a record.
         self.refusal_observers: list[RefusalObserver] = []
-        self.planner: SpeculationPlanner | None = None
         # Model value -> local directory (for the prompt-length check); set by the Gateway.
         self.model_dir: Callable[[str], str | None] = lambda value: None
 
@@ -218,10 +217,8 @@ class CompletionHandler:
             await check_prompt_length(profile, model_dir, body)
             await fit_top_k(model_dir, backend_request.body)
             client_model = body["model"]
-            # `auto` draft lengths and routing to the baseline twin under contention (app/adaptive.py).
-            plan = (
-                self.planner.plan(profile, body, backend_request) if self.planner else Plan(self.pool.slot_for(profile))
-            )
+            # The planner decides (k, routing to a twin); apply_plan alone writes the decision (app/proxy/plan.py).
+            plan = self.planner.plan(profile, body, backend_request)
             slot = plan.slot
             record = RequestRecord(
                 request_id=request_id,
@@ -230,9 +227,9 @@ class CompletionHandler:
                 draft_model=profile.draft_model,
                 kind=kind,
                 streaming=backend_request.client_streams,
-                num_draft_tokens=backend_request.num_draft_tokens,
+                num_draft_tokens=plan.num_draft_tokens,
             )
-            plan.annotate(record)
+            apply_plan(plan, backend_request, record)
             ticket = slot.admission.admit(profile.name, profile.max_queue)
         except Exception as error:
             self._refused(profile, error)

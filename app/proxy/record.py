@@ -78,8 +78,8 @@ class RequestRecord:
     outcome: str = "unknown"
     error: str | None = None
     finished: float | None = None
-    # Set by app/adaptive.py: the twin that served the request under contention, why k is what it
-    # is ("auto" profiles: warmup, model, probe), and the prompt class acceptance is learnt under.
+    # From the planner's Plan (app/proxy/plan.py): the twin that served the request under contention, why k
+    # is what it is ("auto" profiles: warmup, model, probe), and the prompt class acceptance is learnt under.
     routed_to: str | None = None
     k_reason: str | None = None
     prompt_class: str | None = None

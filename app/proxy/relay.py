@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from app.backends.process import Backend
-from app.errors import BackendDied, BackendError, BackendTimeout, GatewayError, InvalidRequest, error_body
+from app.errors import BackendDied, BackendError, BackendTimeout, GatewayError, InvalidRequest
 from app.proxy import upstream as upstream_http
 from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
@@ -433,7 +433,3 @@ async def read_unstreamed(
     body["model"] = client_model
     body.update(rewriter.record.response_extras())
     return body
-
-
-def error_payload(error: GatewayError) -> dict[str, Any]:
-    return error_body(error.message, error.error_type, error.param, error.code)

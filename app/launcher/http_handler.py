@@ -12,7 +12,7 @@ from typing import Any, Literal
 from mlx_lm import server
 
 from app.launcher.abandon import ClientGone
-from app.launcher.client import ClientWatch
+from app.launcher.client_watch import ClientWatch
 from app.launcher.generation import attach_stats
 from app.launcher.prefill import attach_prefill
 from app.launcher.stats import BackendCounters, RequestStats
