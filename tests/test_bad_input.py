@@ -243,7 +243,7 @@ def test_accepted_edge_cases(gateway: GatewayProcess) -> None:
         assert reply.status_code == 200, reply.text
         # A data: URL is never fetched, so it is not refused as a forgery risk (the tiny model is text-only,
         # so what the backend makes of it is its own business, but never a gateway 5xx or the SSRF refusal).
-        data = client.post("/v1/chat/completions", content=image("data:image/png;base64,iVBORw0KGgo="))
+        data = send(client, "chat", image("data:image/png;base64,iVBORw0KGgo="))
         assert "data:" not in data.text or data.status_code != 400
         assert data.status_code < 500 or data.json()["error"]["type"] == "upstream_error"
 

@@ -66,12 +66,16 @@ def _backend_message(raw: bytes) -> str:
 def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayError:
     """mlx_lm.server answers failures with `{"error": "<string>"}` and, before generation, 404."""
     message = _backend_message(raw)
+    # Summaries without the backend's text: it can quote the request (GatewayError.summary).
     if "generation thread died" in message:
         backend.note_broken(message)
-        return BackendDied(f"backend {backend.name} lost its generation thread and is restarting: {message}")
+        died = f"backend {backend.name} lost its generation thread and is restarting"
+        return BackendDied(f"{died}: {message}", summary=died)
     if status in (400, 404, 411, 413, 422):
-        return InvalidRequest(f"the backend rejected the request: {message}")
-    return BackendError(f"backend {backend.name} answered HTTP {status}: {message}")
+        rejected = f"the backend rejected the request (HTTP {status})"
+        return InvalidRequest(f"the backend rejected the request: {message}", summary=rejected)
+    answered = f"backend {backend.name} answered HTTP {status}"
+    return BackendError(f"{answered}: {message}", summary=answered)
 
 
 def dumps(value: Any) -> bytes:
@@ -244,7 +248,8 @@ def _relay_batch(payloads: list[bytes], rewriter: StreamRewriter, now: float, ou
         if chunk is None:
             continue
         if "error" in chunk and not chunk.get("choices"):
-            raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+            reported = "the backend reported an error"
+            raise BackendError(f"{reported}: {_backend_message(payload)}", summary=reported)
         rewritten = rewriter.rewrite(chunk, now)
         if rewritten is not None:
             out.append(b"data: " + dumps(rewritten) + b"\n\n")
@@ -271,7 +276,7 @@ async def relay_stream(
         record.outcome = "success"
     except GatewayError as error:
         record.outcome = "backend_error"
-        record.error = error.message
+        record.error = error.summary
         # Events of the failing read that came before the error still reach the client.
         yield b"".join([*out, sse_error(error)])
 
