@@ -39,6 +39,17 @@ class ProfileError(Exception):
     """A profile file that cannot be used; the message names the file, the profile and the field."""
 
 
+def _no_nul(value: Any) -> Any:
+    """Paths, programs, arguments and environment reach the OS, which cannot take a NUL in them."""
+    items = value if isinstance(value, tuple | list) else (value,)
+    for item in items:
+        if isinstance(item, tuple | list):
+            _no_nul(item)
+        elif isinstance(item, str) and "\x00" in item:
+            raise ValueError("must not contain a NUL character")
+    return value
+
+
 class _Strict(BaseModel):
     # TOML has inf and nan; no field of a profile means either.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -80,8 +91,16 @@ class BackendOptions(_Strict):
     @classmethod
     def _env_from_table(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(item, Mapping | list):
+                    raise ValueError(f"the value of {key!r} must be a string, number or boolean")
             return tuple(sorted((str(k), str(v)) for k, v in value.items()))
         return value
+
+    @field_validator("command", "args", "env")
+    @classmethod
+    def _reaches_the_os(cls, value: Any) -> Any:
+        return _no_nul(value)
 
 
 class PromptLookup(_Strict):
@@ -132,6 +151,11 @@ class Profile(_Strict):
     # Settings of `draft_model = "prompt-lookup"` (defaults when absent); only with that draft.
     prompt_lookup: PromptLookup | None = None
     source_file: str = ""
+
+    @field_validator("model", "draft_model", "system_prompt_file")
+    @classmethod
+    def _reaches_the_os(cls, value: str | None) -> str | None:
+        return _no_nul(value)  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> Profile:
