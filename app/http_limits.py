@@ -1,17 +1,21 @@
-"""Limits on a request's head (request line and headers): its size and the time it may take to arrive.
+"""Limits on how a request arrives: the size of its head (request line and headers), and the time its head
+and its body may take.
 
-uvicorn's httptools protocol has neither: httptools buffers a header until its end, however long, and a
-connection that sends nothing, or a byte now and then, is kept forever (uvicorn's keep-alive timeout only
+uvicorn's httptools protocol has none of them: httptools buffers a header until its end, however long, and
+a connection that sends nothing, or a byte now and then, is kept forever (uvicorn's keep-alive timeout only
 runs between requests). Two connections sending 256 MiB headers took the gateway from 61 to 664 MB
-(issue 19 item 8). This subclass of uvicorn's protocol adds both limits:
+(issue 19 item 8), and a body trickling in held its connection and up to `SPECGATE_MAX_BODY_BYTES` of
+memory for as long as its client liked. This subclass of uvicorn's protocol adds:
 
-- size: the request line and headers of one request may hold `max_bytes`; beyond it the gateway answers
-  431 and closes the connection. A head still arriving is cut off once it passes the limit (httptools then
-  holds at most the limit plus one socket read); a complete one is measured exactly.
-- time: from the connection's start, or a request's first byte, the head must be complete within
+- head size: the request line and headers of one request may hold `max_bytes`; beyond it the gateway
+  answers 431 and closes the connection. A head still arriving is cut off once it passes the limit
+  (httptools then holds at most the limit plus one socket read); a complete one is measured exactly.
+- head time: from the connection's start, or a request's first byte, the head must be complete within
   `timeout` seconds; else 408 (nothing when no byte came) and the connection is closed.
+- body time: from the end of the head, the body must be complete within `body_timeout` seconds; else 408
+  (if no answer has started) and the connection is closed; the request sees its client leave.
 
-The body is not a head: its size is `SPECGATE_MAX_BODY_BYTES`'s concern (app/proxy/handler.py).
+The body's size is `SPECGATE_MAX_BODY_BYTES`'s concern (app/proxy/handler.py).
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ def _refusal(status: int, message: str) -> bytes:
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a bounded head; `limited_protocol` sets the two limits."""
+    """uvicorn's httptools protocol with bounded heads and bodies; `limited_protocol` sets the limits."""
 
     max_bytes = 64 * 1024
     timeout = 30.0
+    body_timeout = 120.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -52,9 +57,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._began = 0  # heads begun on this connection
         self._bytes_seen = False
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.timeout, self._head_too_slow)
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -103,12 +110,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
             return
         super().on_headers_complete()
+        # Stopped by on_message_complete, at once for a request without a body (in this same read). Not for
+        # a pipelined request, queued behind one still answered: uvicorn stops reading until its turn.
+        if not self.pipeline and not self.parser.should_upgrade():
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_too_slow)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._stop_body_timer()
         if not self._refused:
             super().on_message_complete()
 
@@ -121,6 +133,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         elif self._began == 0:
             self._refused = True
             self.transport.close()  # a connection that never sent a byte: nobody to answer
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        if self._refused or self.transport.is_closing():
+            return
+        message = f"the request's body did not arrive within {self.body_timeout:g} seconds"
+        if self.cycle is not None and not self.cycle.response_started:
+            self._refuse(408, message)
+        else:
+            self._refused = True
+            logger.info("closed a connection: %s", message)
+            self.transport.close()
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -136,7 +165,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def limited_protocol(max_bytes: int, timeout: float) -> type[LimitedHttpToolsProtocol]:
+def limited_protocol(max_bytes: int, timeout: float, body_timeout: float) -> type[LimitedHttpToolsProtocol]:
     """The protocol class for uvicorn.Config(http=...), with these limits."""
 
     class Configured(LimitedHttpToolsProtocol):
@@ -144,4 +173,5 @@ def limited_protocol(max_bytes: int, timeout: float) -> type[LimitedHttpToolsPro
 
     Configured.max_bytes = max_bytes
     Configured.timeout = timeout
+    Configured.body_timeout = body_timeout
     return Configured

@@ -49,9 +49,11 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # A request's head (request line and headers): beyond this many bytes 431; not complete within this
-    # many seconds of the connection's start (or the request's first byte): 408 (app/http_limits.py).
+    # many seconds of the connection's start (or the request's first byte): 408; its body not complete
+    # within body_timeout seconds of the head: 408 (app/http_limits.py).
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     header_timeout: float = Field(default=30.0, gt=0)
+    body_timeout: float = Field(default=120.0, gt=0)
 
     # Access (app/auth.py). Keys: comma- or whitespace-separated here, and/or one a line in the file.
     api_keys: str = Field(default="", repr=False)

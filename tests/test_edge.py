@@ -29,15 +29,19 @@ from app.settings import Settings
 from tests.harness import GatewayProcess, chat, fake_model_dir, fake_profile, free_port, running_gateway, wait_for
 
 MODEL = "fake"
-HEADER_TIMEOUT = 2.0  # SPECGATE_HEADER_TIMEOUT for this gateway: short, so the slow-head tests end soon
+SLOW = "slow"  # half a second a token: its answers outlast the head and body timeouts
+HEADER_TIMEOUT = 2.0  # SPECGATE_HEADER_TIMEOUT and _BODY_TIMEOUT for this gateway: short, so slow-upload tests end soon
 HEADER_LIMIT = 64 * 1024  # the default SPECGATE_MAX_HEADER_BYTES
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("edge")
-    profiles = fake_profile(MODEL, fake_model_dir(workdir), sampling="{ max_tokens = 4 }")
-    with running_gateway(workdir, profiles, {"SPECGATE_HEADER_TIMEOUT": str(HEADER_TIMEOUT)}) as running:
+    model = fake_model_dir(workdir)
+    profiles = fake_profile(MODEL, model, sampling="{ max_tokens = 4 }")
+    profiles += fake_profile(SLOW, model, "--token-delay", "0.5", sampling="{ max_tokens = 10 }")
+    env = {"SPECGATE_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "SPECGATE_BODY_TIMEOUT": str(HEADER_TIMEOUT)}
+    with running_gateway(workdir, profiles, env) as running:
         yield running
 
 
@@ -287,21 +291,62 @@ def test_a_silent_connection_is_closed(gateway: GatewayProcess) -> None:
     serves(gateway)
 
 
+def trickle(sock: socket.socket, data: bytes, pause: float = 0.3) -> bytes:
+    """Send `data` a byte at a time, `pause` apart, until the gateway answers or closes: what it sent, b""
+    for a close (a reset included: our next byte after its close resets the connection, and the reset
+    discards an answer not yet read)."""
+    sock.settimeout(pause)
+    try:
+        for byte in data:
+            sock.sendall(bytes([byte]))
+            with contextlib.suppress(TimeoutError):
+                return sock.recv(4096)
+    except ConnectionError:
+        return b""
+    raise AssertionError("every byte was taken: nothing cut the slow client off")
+
+
 def test_a_head_that_trickles_in_gets_408(gateway: GatewayProcess) -> None:
     """Slowloris: a byte now and then keeps no connection past the header timeout."""
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=HEADER_TIMEOUT * 10) as sock:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        deadline = time.monotonic() + HEADER_TIMEOUT * 10
-        reply = b""
-        with contextlib.suppress(OSError):
-            while time.monotonic() < deadline:
-                sock.sendall(b"X")
-                sock.settimeout(0.3)
-                with contextlib.suppress(TimeoutError):
-                    reply = sock.recv(4096)
-                    break
-        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        reply = trickle(sock, b"X-Slow: " + b"s" * 200)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 408"), reply[:200]
     serves(gateway)
+
+
+def test_a_body_that_trickles_in_gets_408_and_counts_as_gone(gateway: GatewayProcess) -> None:
+    """A body's bytes coming now and then keep its connection (and its buffered bytes) only so long."""
+    body = json.dumps(chat("slow upload " + "word " * 100, MODEL)).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    gone = outcome_total(gateway, "client_gone")
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(head)
+        reply = trickle(sock, body)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    wait_for(lambda: outcome_total(gateway, "client_gone") == gone + 1, 10, "the slow upload counted as gone")
+    serves(gateway)
+
+
+def outcome_total(gateway: GatewayProcess, outcome: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    prefix = "specgate_requests_total{"
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix) and f'outcome="{outcome}"' in line
+    )
+
+
+def test_answers_may_outlast_the_head_and_body_timeouts(gateway: GatewayProcess) -> None:
+    with gateway.client() as client:
+        for stream in (False, True):
+            reply = client.post("/v1/chat/completions", json=chat("take your time", SLOW, stream=stream))
+            assert reply.status_code == 200, reply.text
+            assert "t9" in reply.text  # all 10 tokens, about 5 s, more than twice each timeout
 
 
 def test_keep_alive_connections_serve_request_after_request(gateway: GatewayProcess) -> None:
