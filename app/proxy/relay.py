@@ -393,7 +393,8 @@ def _assemble_one(payload: bytes, rewriter: StreamRewriter, assembly: Assembly, 
     if chunk is None:
         return
     if "error" in chunk and not chunk.get("choices"):
-        raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+        reported = "the backend reported an error"
+        raise BackendError(f"{reported}: {_backend_message(payload)}", summary=reported)
     if _is_usage_chunk(chunk):
         rewriter.absorb_usage(chunk)
         assembly.usage = chunk.get("usage")
