@@ -161,6 +161,13 @@ def running_gateway(workdir: Path, profiles: str, env: dict[str, str] | None = N
         gateway.stop()
 
 
+def backend_stats(gateway: GatewayProcess, profile: str) -> dict[str, Any]:
+    """The backend's own counters (`GET /specgate/stats` of the launcher or the fake backend)."""
+    port = gateway.models()[profile]["backend"]["port"]
+    stats: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/specgate/stats", timeout=2).json()
+    return stats
+
+
 def chat(content: str, model: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 

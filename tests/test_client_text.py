@@ -25,7 +25,8 @@ KEY = "sk-client-text-test"
 AUTH = {"authorization": f"Bearer {KEY}"}
 SECRET = "zebra-umbrella-47"
 MODEL = "fake"
-REJECTS = "rejects"  # its backend answers every chat completion 400, quoting the request's text
+REJECTS = "rejects"  # its backend answers every chat completion 404, quoting the request's text
+REFUSES = "refuses"  # the same with 400
 
 
 @pytest.fixture(scope="module", params=["text", "json"])
@@ -33,7 +34,8 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     workdir = tmp_path_factory.mktemp(f"client-text-{request.param}")
     model = fake_model_dir(workdir)
     profiles = fake_profile(MODEL, model, sampling="{ max_tokens = 4 }")
-    profiles += fake_profile(REJECTS, model, "--fail-chat-with", "400")
+    profiles += fake_profile(REJECTS, model, "--fail-chat-with", "404")
+    profiles += fake_profile(REFUSES, model, "--fail-chat-with", "400")
     env = {"SPECGATE_API_KEYS": KEY, "SPECGATE_LOG_FORMAT": request.param}
     with running_gateway(workdir, profiles, env) as running:
         yield running
@@ -102,23 +104,26 @@ def test_bodies_that_are_not_utf8_json_are_400_and_leave_no_trace(gateway: Gatew
     assert SECRET not in gateway.log()
 
 
-def test_backend_text_reaches_only_its_client(gateway: GatewayProcess) -> None:
-    """A backend's error can quote the request: the client gets it; the record and the request log do not.
-    (The backend's own output is its log, /logs/{profile}, which needs a key when keys are on.)"""
-    quoted = "quoted-by-the-backend-31"
+@pytest.mark.parametrize(("status", "client_sees_it"), [(404, True), (400, False)])
+def test_backend_text_stays_out_of_records(gateway: GatewayProcess, status: int, client_sees_it: bool) -> None:
+    """A backend's error can quote the request: not in /status.json or the request's log line. The client that
+    sent the request gets a 404's text (a template or generation error); a 400's stays out of the answer
+    too (mlx_lm's image fetches answer 400 with what an internal address said)."""
+    quoted = f"quoted-by-the-backend-{status}"
+    profile = REJECTS if status == 404 else REFUSES
     with gateway.client() as client:
-        reply = client.post("/v1/chat/completions", json=chat(quoted, REJECTS), headers=AUTH)
+        reply = client.post("/v1/chat/completions", json=chat(quoted, profile), headers=AUTH)
         assert reply.status_code == 400, reply.text
-        assert quoted in reply.json()["error"]["message"]  # the backend quoted the request, to its client
+        assert (quoted in reply.json()["error"]["message"]) == client_sees_it, reply.text
         request_id = reply.headers["x-request-id"]
-        status = client.get("/status.json").json()
-    records = [r for r in status["requests"] if r["request_id"] == request_id]
+        status_page = client.get("/status.json").json()
+    records = [r for r in status_page["requests"] if r["request_id"] == request_id]
     assert len(records) == 1, records
-    assert records[0]["error"] == "the backend rejected the request (HTTP 400)"
-    assert quoted not in json.dumps(status)
-    request_lines = [line for line in gateway.log().splitlines() if f"{request_id} {REJECTS} " in line]
+    assert quoted not in json.dumps(status_page)
+    assert f"HTTP {status}" in records[0]["error"]
+    request_lines = [line for line in gateway.log().splitlines() if f"{request_id} {profile} " in line]
     assert len(request_lines) == 1, request_lines
-    assert "HTTP 400" in request_lines[0]
+    assert f"HTTP {status}" in request_lines[0]
     assert quoted not in request_lines[0]
 
 

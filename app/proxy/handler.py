@@ -1,8 +1,8 @@
 """The request path: profile -> admission (FIFO) -> backend ready -> upstream -> relay -> record.
 
 A client that leaves at any point stops the work: while queued it leaves the queue, while the
-backend starts it stops waiting, while generating the upstream socket closes (mlx_lm.server then
-stops within a few tokens).
+backend starts it stops waiting, otherwise the upstream socket closes: specgate's launcher then stops a
+prompt at the end of its current prefill chunk, and mlx_lm.server stops generating within a few tokens.
 
 Streaming requests get their headers once admitted (issue 16 item 2): clients such as OpenCode give up
 on a request whose headers take minutes (a long prompt on a CPU). Everything that can refuse a request
@@ -36,6 +36,7 @@ from app.adaptive import Plan, SpeculationPlanner
 from app.backends.pool import BackendPool, BackendSlot
 from app.errors import BackendDied, BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
 from app.profiles import Profile, ProfileSet
+from app.proxy.backend_fields import check_model_bounds
 from app.proxy.context import check_prompt_length, fit_top_k
 from app.proxy.record import RequestRecord
 from app.proxy.relay import (
@@ -142,6 +143,8 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise InvalidRequest(
             f"invalid JSON in the request body: {error.msg} at line {error.lineno} column {error.colno}"
         ) from error
+    except ValueError as error:  # the only other one: an integer over Python's 4300-digit conversion limit
+        raise InvalidRequest("a number in the request body has too many digits") from error
     except RecursionError as error:
         raise InvalidRequest("the request body is nested too deeply") from error
 
@@ -212,6 +215,7 @@ class CompletionHandler:
             profile = self.profile_for(body)
             backend_request = build_backend_request(kind, body, profile)
             model_dir = self.model_dir(profile.model)
+            await check_model_bounds(profile, model_dir, backend_request.body)
             await check_prompt_length(profile, model_dir, body)
             await fit_top_k(model_dir, backend_request.body)
             client_model = body["model"]

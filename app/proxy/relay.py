@@ -14,16 +14,17 @@ request is alive during minutes of prompt processing on a CPU). The first-token 
 so a backend that reports prompt progress is not timed out while it makes progress. After the first
 token nothing changes: one timer per read.
 
-Prompt progress: mlx_lm.server (0.32.2, so the launcher too) writes `: keepalive n/m` on a stream after its
-headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the prompt. The relay
-passes comment lines on, and names that one for the client: `: prompt n/m`. Only comment lines take that
-branch, so the per-token path is unchanged.
+Prompt progress: mlx_lm.server (0.32.2; the launcher also with a draft model) writes `: keepalive n/m` on a
+stream after its headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the
+prompt. The relay passes comment lines on, and names that one for the client: `: prompt n/m`. Only
+comment lines take that branch, so the per-token path is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
 from app.proxy.toolrelay import ToolCallRelay, parse_message
 from app.proxy.upstream import UpstreamError, UpstreamResponse
+
+logger = logging.getLogger("specgate.requests")
 
 DONE = b"data: [DONE]\n\n"
 WAITING = b": waiting"
@@ -71,7 +74,13 @@ def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayErro
         backend.note_broken(message)
         died = f"backend {backend.name} lost its generation thread and is restarting"
         return BackendDied(f"{died}: {message}", summary=died)
-    if status in (400, 404, 411, 413, 422):
+    if status == 400:
+        # mlx_lm.server answers 400 while it reads a request: its own field checks (made by the gateway
+        # first: app/proxy/backend_fields.py) and fetching image URLs, whose errors say what an internal
+        # address answered (issue 19). So its words stay in the gateway's log, out of the answer.
+        logger.warning("backend %s refused a request (HTTP 400): %s", backend.name, message)
+        return InvalidRequest("the backend refused the request (HTTP 400); the gateway's log has its reason")
+    if status in (404, 411, 413, 422):
         rejected = f"the backend rejected the request (HTTP {status})"
         return InvalidRequest(f"the backend rejected the request: {message}", summary=rejected)
     answered = f"backend {backend.name} answered HTTP {status}"
