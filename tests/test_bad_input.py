@@ -243,7 +243,7 @@ def test_accepted_edge_cases(gateway: GatewayProcess) -> None:
         assert reply.status_code == 200, reply.text
         # A data: URL is never fetched, so the gateway does not refuse it as a forgery risk: it reaches the
         # backend, whose text-only model refuses it (mlx_lm.server 0.32.2): a 400, the reason in the log.
-        data = client.post("/v1/chat/completions", content=image("data:image/png;base64,iVBORw0KGgo="))
+        data = send(client, "chat", image("data:image/png;base64,iVBORw0KGgo="))
         assert data.status_code == 400, data.text
         wait_for(lambda: "Only 'text' content type is supported" in gateway.log(), 10, "the backend's own refusal")
         assert gateway.backend_pid(MODEL) == pid

@@ -21,9 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +29,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from app.backends.pool import BackendPool, BackendSlot
 from app.errors import BackendDied, BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
@@ -54,18 +53,14 @@ from app.scheduler import Ticket
 
 logger = logging.getLogger("specgate.requests")
 T = TypeVar("T")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Observer = Callable[[RequestRecord], None]
 StartObserver = Callable[[RequestRecord, BackendSlot], None]
 RefusalObserver = Callable[[Profile | None, str], None]
 
 
-def request_id_for(request: Request) -> str:
-    """The client's X-Request-Id when it is sane, so logs line up across systems; else a new one."""
-    given = request.headers.get("x-request-id")
-    if given and _REQUEST_ID.match(given):
-        return given
-    return f"sg-{uuid.uuid4().hex[:20]}"
+def request_id_of(request: Request) -> str:
+    """The request's id: the edge (app/edge.py) decided it and left it as the one X-Request-Id header."""
+    return request.headers["x-request-id"]
 
 
 @dataclass
@@ -121,22 +116,28 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected while sending the request body") from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
-        # Only a \u escape can carry a lone surrogate; such a string cannot be sent on as UTF-8.
-        if b"\\ud" in raw.lower():
+        # Decoded here as UTF-8, strictly: json.loads(bytes) would also take UTF-16 and UTF-32 (and so read
+        # a lone surrogate past the check below), and the body goes on to the backend as UTF-8.
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_constant=_refuse_constant)
+        # Only a \u escape can carry a lone surrogate (strict UTF-8 has none); such a string cannot be sent on.
+        if "\\ud" in text.lower():
             _refuse_surrogates(value)
         return value
     except UnicodeDecodeError as error:
-        raise InvalidRequest("the request body is not valid UTF-8") from error
+        raise InvalidRequest(f"the request body is not valid UTF-8 (at byte {error.start})") from error
     except json.JSONDecodeError as error:
         raise InvalidRequest(
             f"invalid JSON in the request body: {error.msg} at line {error.lineno} column {error.colno}"
@@ -206,7 +207,7 @@ class CompletionHandler:
         return profile
 
     async def handle(self, request: Request, kind: Kind) -> Response:
-        request_id = request_id_for(request)
+        request_id = request_id_of(request)
         profile: Profile | None = None
         try:
             body = await read_json_body(request, self.max_body_bytes)
@@ -244,7 +245,6 @@ class CompletionHandler:
                 slot.backend.touch()
 
         rewriter = StreamRewriter(backend_request, record, client_model)
-        headers = {"x-request-id": request_id}
         if backend_request.client_streams:
             # Headers now; the wait for a slot, the backend and the first token happen in the stream.
             phase = Phase()
@@ -253,7 +253,7 @@ class CompletionHandler:
                     partial(self._start, slot, ticket, backend_request, record, phase), phase, rewriter, slot, release
                 ),
                 media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
         try:
             upstream = await race_disconnect(request, self._start(slot, ticket, backend_request, record, Phase()))
@@ -273,7 +273,7 @@ class CompletionHandler:
         finally:
             await upstream.aclose()
             release()
-        return JSONResponse(answer, headers=headers)
+        return JSONResponse(answer)
 
     async def _start(
         self, slot: BackendSlot, ticket: Ticket, request: BackendRequest, record: RequestRecord, phase: Phase
@@ -364,18 +364,22 @@ class CompletionHandler:
                 record.outcome = "client_gone"
             elif isinstance(error, GatewayError):
                 record.outcome = _outcome_for(error)
-                record.error = error.message
+                record.error = error.summary
             else:
+                # The type only: an exception's text or repr can hold the request (a UnicodeEncodeError
+                # holds the whole string it failed on), and records are shown to everyone (/status.json).
                 record.outcome = "internal_error"
-                record.error = repr(error)
+                record.error = f"internal error: {type(error).__name__}"
         elif record.outcome == "unknown":
             record.outcome = "success"
+        record.seal()
         logger.info("%s", record.log_line())
         for observe in self.observers:
             try:
                 observe(record)
             except Exception:
                 logger.exception("request observer failed")
+        record.drop_token_gaps()
 
 
 async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamResponse | None:
@@ -390,6 +394,8 @@ async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamRespon
 
 
 def _outcome_for(error: GatewayError) -> str:
+    if isinstance(error, ClientGone):
+        return "client_gone"
     if error.status_code == 429:
         return "rejected"
     if error.status_code < 500:

@@ -69,9 +69,11 @@ def _backend_message(raw: bytes) -> str:
 def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayError:
     """mlx_lm.server answers failures with `{"error": "<string>"}` and, before generation, 404."""
     message = _backend_message(raw)
+    # Summaries without the backend's text: it can quote the request (GatewayError.summary).
     if "generation thread died" in message:
         backend.note_broken(message)
-        return BackendDied(f"backend {backend.name} lost its generation thread and is restarting: {message}")
+        died = f"backend {backend.name} lost its generation thread and is restarting"
+        return BackendDied(f"{died}: {message}", summary=died)
     if status == 400:
         # mlx_lm.server answers 400 while it reads a request: its own field checks (made by the gateway
         # first: app/proxy/backend_fields.py) and fetching image URLs, whose errors say what an internal
@@ -79,8 +81,10 @@ def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayErro
         logger.warning("backend %s refused a request (HTTP 400): %s", backend.name, message)
         return InvalidRequest("the backend refused the request (HTTP 400); the gateway's log has its reason")
     if status in (404, 411, 413, 422):
-        return InvalidRequest(f"the backend rejected the request: {message}")
-    return BackendError(f"backend {backend.name} answered HTTP {status}: {message}")
+        rejected = f"the backend rejected the request (HTTP {status})"
+        return InvalidRequest(f"the backend rejected the request: {message}", summary=rejected)
+    answered = f"backend {backend.name} answered HTTP {status}"
+    return BackendError(f"{answered}: {message}", summary=answered)
 
 
 def dumps(value: Any) -> bytes:
@@ -253,7 +257,8 @@ def _relay_batch(payloads: list[bytes], rewriter: StreamRewriter, now: float, ou
         if chunk is None:
             continue
         if "error" in chunk and not chunk.get("choices"):
-            raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+            reported = "the backend reported an error"
+            raise BackendError(f"{reported}: {_backend_message(payload)}", summary=reported)
         rewritten = rewriter.rewrite(chunk, now)
         if rewritten is not None:
             out.append(b"data: " + dumps(rewritten) + b"\n\n")
@@ -280,7 +285,7 @@ async def relay_stream(
         record.outcome = "success"
     except GatewayError as error:
         record.outcome = "backend_error"
-        record.error = error.message
+        record.error = error.summary
         # Events of the failing read that came before the error still reach the client.
         yield b"".join([*out, sse_error(error)])
 
@@ -397,7 +402,8 @@ def _assemble_one(payload: bytes, rewriter: StreamRewriter, assembly: Assembly, 
     if chunk is None:
         return
     if "error" in chunk and not chunk.get("choices"):
-        raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+        reported = "the backend reported an error"
+        raise BackendError(f"{reported}: {_backend_message(payload)}", summary=reported)
     if _is_usage_chunk(chunk):
         rewriter.absorb_usage(chunk)
         assembly.usage = chunk.get("usage")
