@@ -30,12 +30,17 @@ class GatewayError(Exception):
     error_type = "internal_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, summary: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        # What others may read about this error (the request log, /status.json): the message, unless it
+        # carries text the gateway did not write (a backend's error, which can quote the request).
+        self.summary = message if summary is None else summary
 
     def headers(self) -> dict[str, str]:
         return {}

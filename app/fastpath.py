@@ -8,9 +8,9 @@ disconnect in a task group per stream). A token streams through every one of tho
 
 What stays the same: everything the client sees. The routes stay registered in FastAPI (the OpenAPI
 description, `/docs`); this layer only dispatches `POST /v1/chat/completions` and `POST /v1/completions`
-before them, with the same request id handling (header in, header out, the logging context), the same
-API-key check and 401, the same OpenAI-shaped errors (a GatewayError's status and headers, 500 for a
-bug), and the same client-disconnect behaviour (a watcher on `receive` cancels the stream, which closes
+before them, with the same API-key check and 401, the same OpenAI-shaped errors (a GatewayError's status
+and headers; a bug is the edge's 500, app/edge.py, which also gives every request its id), and the same
+client-disconnect behaviour (a watcher on `receive` cancels the stream, which closes
 the upstream socket and stops the backend). Every other path, and every request when CORS is configured
 (whose headers starlette's middleware adds), goes through the FastAPI app as before.
 
@@ -23,25 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import ApiKeyMiddleware, send_refusal
-from app.errors import GatewayError, error_body
-from app.logging_setup import current_request_id, tag_request
+from app.errors import GatewayError
 from app.proxy.handler import CompletionHandler
 from app.proxy.rewrite import Kind
-
-logger = logging.getLogger("specgate")
 
 _KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 class CompletionFastPath:
-    """Outermost ASGI layer: completion POSTs go straight to the handler, the rest to `app`."""
+    """In front of FastAPI's stack (inside the edge): completion POSTs go straight to the handler, the rest to `app`."""
 
     def __init__(self, app: ASGIApp, handler: CompletionHandler, keys: ApiKeyMiddleware) -> None:
         self.app = app
@@ -54,31 +50,21 @@ class CompletionFastPath:
         if kind is None:
             await self.app(scope, receive, send)
             return
-        scope, request_id = tag_request(scope)
-        token = current_request_id.set(request_id)
-        try:
-            reason = self.keys.refusal(scope)
-            if reason is not None:
-                await send_refusal(scope, send, reason, ((b"x-request-id", request_id.encode("ascii")),))
-                return
-            response = await self._respond(Request(scope, receive), kind, request_id)
-            if isinstance(response, StreamingResponse):
-                await _stream(response, receive, send)
-            else:
-                await response(scope, receive, send)
-        finally:
-            current_request_id.reset(token)
+        reason = self.keys.refusal(scope)
+        if reason is not None:
+            await send_refusal(scope, send, reason)
+            return
+        response = await self._respond(Request(scope, receive), kind)
+        if isinstance(response, StreamingResponse):
+            await _stream(response, receive, send)
+        else:
+            await response(scope, receive, send)
 
-    async def _respond(self, request: Request, kind: Kind, request_id: str) -> Response:
-        headers = {"x-request-id": request_id}
+    async def _respond(self, request: Request, kind: Kind) -> Response:
         try:
             return await self.handler.handle(request, kind)
         except GatewayError as error:
-            return JSONResponse(error.body(), status_code=error.status_code, headers={**error.headers(), **headers})
-        except Exception as error:
-            logger.exception("unexpected error on POST %s", request.url.path)
-            body = error_body(f"internal error: {type(error).__name__}", "internal_error")
-            return JSONResponse(body, status_code=500, headers=headers)
+            return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers())
 
 
 async def _stream(response: StreamingResponse, receive: Receive, send: Send) -> None:

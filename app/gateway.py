@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
-from app.adaptive import SpeculationPlanner
+from app.adaptive.collector import PlannerCollector
+from app.adaptive.planner import SpeculationPlanner
 from app.backends.pool import BackendPool
 from app.backends.process import BackendState, BackendTiming
 from app.models.sources import SourceStatus, describe_source
@@ -39,9 +40,11 @@ class Gateway:
             blas=settings.blas,
         )
         self.pool = BackendPool(timing, settings.max_backends, self.resolve, self.http)
+        # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
+        self.planner = SpeculationPlanner(self.pool, profiles)
         self.handler = CompletionHandler(
             self.pool,
-            self.http,
+            self.planner,
             RelayTimeouts(
                 first_token=settings.first_token_timeout,
                 inactivity=settings.inactivity_timeout,
@@ -52,16 +55,13 @@ class Gateway:
         )
         # Model value -> its local directory, once resolved present (see model_dir).
         self._model_dirs: dict[str, str] = {}
-        # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
-        self.planner = SpeculationPlanner(self.pool, profiles)
-        self.handler.planner = self.planner
         self.handler.model_dir = self.model_dir
         self.handler.observers.append(self.planner.observe)
         self.apply_profiles(profiles)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Add the collectors that live outside app/metrics.py to the registry behind /metrics."""
-        registry.register(self.planner)
+        registry.register(PlannerCollector(self.planner))
 
     def resolve(self, value: str) -> SourceStatus:
         return describe_source(value, self.settings.model_store)

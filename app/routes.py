@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,7 +12,6 @@ from app.gateway import Gateway
 from app.openapi_schemas import CHAT_COMPLETION, TEXT_COMPLETION
 
 router = APIRouter()
-_STARTED = int(time.time())
 
 
 def _gateway(request: Request) -> Gateway:

@@ -18,10 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from app.auth import ApiKeyMiddleware, load_keys, protected_prefixes, reload_keys
+from app.browser_guard import BrowserGuard, HostPolicy
+from app.edge import Edge
 from app.errors import GatewayError, error_body
 from app.fastpath import CompletionFastPath
 from app.gateway import Gateway
-from app.logging_setup import RequestIdMiddleware
+from app.http_limits import limited_protocol
 from app.logs_api import router as logs_router
 from app.metrics import install_metrics
 from app.metrics import router as metrics_router
@@ -52,8 +54,8 @@ class SpecgateApp(FastAPI):
         return stack
 
 
-def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
-    """Build the app; nothing starts until the ASGI lifespan does."""
+def create_app(settings: Settings, profiles: ProfileSet) -> Edge:
+    """Build the app, behind its edge (app/edge.py); nothing starts until the ASGI lifespan does."""
     gateway = Gateway(settings, profiles)
     # Read the key file now: a missing or empty one stops start-up rather than leaving the gateway open.
     keys = load_keys(settings)
@@ -92,8 +94,6 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
             allow_headers=["authorization", "content-type", "x-request-id"],
             expose_headers=["x-request-id", "retry-after"],
         )
-    # Outermost: the request id must be set before any other code (and any log line) of the request runs.
-    app.add_middleware(RequestIdMiddleware)
     if not origins:
         # The completion endpoints skip the stack above (same id, key check and errors, fewer layers per
         # token); with CORS on they keep it, since starlette's middleware adds the CORS headers.
@@ -101,7 +101,10 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
         app.front = lambda stack: CompletionFastPath(
             stack, gateway.handler, ApiKeyMiddleware(stack, keys=keys, prefixes=prefixes)
         )
-    return app
+    # Outermost, around FastAPI's own error middleware: the request id is set before any other code (and
+    # any log line) of the request runs, and every answer carries it, a 500 included.
+    hosts = HostPolicy(settings.host, settings.allowed_hosts.replace(",", " ").split())
+    return Edge(app, BrowserGuard(hosts))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -119,7 +122,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=400)
 
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        # Rendered here (starlette then re-raises), logged once by the edge with the request id.
         return JSONResponse(error_body(f"internal error: {type(error).__name__}", "internal_error"), status_code=500)
 
     app.add_exception_handler(GatewayError, gateway_error)
@@ -178,5 +181,6 @@ def serve(settings: Settings, profiles: ProfileSet, sock: socket.socket) -> None
         # SIGTERM: stop listening, let in-flight requests finish for up to this long, then stop backends.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         lifespan="on",
+        http=limited_protocol(settings.max_header_bytes, settings.header_timeout, settings.body_timeout),
     )
     uvicorn.Server(config).run(sockets=[sock])

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     # Seconds one send to a client may wait for it to read (app/write_timeout.py); then its connection is
     # closed and its request ends as if it had left: a client that stops reading holds no backend slot.
     client_write_timeout: float = Field(default=60.0, gt=0)
+    # A request's head (request line and headers): beyond this many bytes 431; not complete within this
+    # many seconds of the connection's start (or the request's first byte): 408; its body not complete
+    # within body_timeout seconds of the head: 408 (app/http_limits.py).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    header_timeout: float = Field(default=30.0, gt=0)
+    body_timeout: float = Field(default=120.0, gt=0)
 
     # Access (app/auth.py). Keys: comma- or whitespace-separated here, and/or one a line in the file.
     api_keys: str = Field(default="", repr=False)
@@ -65,6 +71,9 @@ class Settings(BaseSettings):
     auth_health: bool = False
     # Browser origins allowed by CORS (comma-separated, "*" for any); empty: no CORS headers at all.
     cors_origins: str = ""
+    # Host names answered besides those of the bound address (app/browser_guard.py): comma- or
+    # space-separated, "*.example.com" for a domain and its subdomains, "*" for any (no check).
+    allowed_hosts: str = ""
 
     # Change without downtime: SIGHUP reloads profiles; optionally also when a profile file changes.
     reload_on_change: bool = False

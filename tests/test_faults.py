@@ -27,6 +27,7 @@ from tests.harness import (
     FAKE_BACKEND,
     PYTHON,
     GatewayProcess,
+    backend_stats,
     chat,
     fake_model_dir,
     fake_profile,
@@ -41,12 +42,6 @@ from tests.harness import (
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     return fake_model_dir(tmp_path)
-
-
-def backend_stats(gateway: GatewayProcess, profile: str) -> dict[str, int]:
-    port = gateway.models()[profile]["backend"]["port"]
-    stats: dict[str, int] = httpx.get(f"http://127.0.0.1:{port}/specgate/stats", timeout=2).json()
-    return stats
 
 
 def stable_tokens(gateway: GatewayProcess, profile: str, within: float) -> int:

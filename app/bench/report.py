@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from app.bench.results import ArmResult, BenchResult, Equality, SweepResult
-from app.bench.stats import Summary
+from app.bench.sample_stats import Summary
 
 HEADER = ["ARM", "N", "DECODE TOK/S", "TTFT S", "E2E S", "ACCEPT", "MAL", "SPEED-UP", "GREEDY = BASELINE"]
 

@@ -1,8 +1,8 @@
 """The request path: profile -> admission (FIFO) -> backend ready -> upstream -> relay -> record.
 
 A client that leaves at any point stops the work: while queued it leaves the queue, while the
-backend starts it stops waiting, while generating the upstream socket closes (mlx_lm.server then
-stops within a few tokens).
+backend starts it stops waiting, otherwise the upstream socket closes: specgate's launcher then stops a
+prompt at the end of its current prefill chunk, and mlx_lm.server stops generating within a few tokens.
 
 Streaming requests get their headers once admitted (issue 16 item 2): clients such as OpenCode give up
 on a request whose headers take minutes (a long prompt on a CPU). Everything that can refuse a request
@@ -21,19 +21,16 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
-from app.adaptive import Plan, SpeculationPlanner
 from app.backends.pool import BackendPool, BackendSlot
 from app.errors import (
     BackendDied,
@@ -45,7 +42,9 @@ from app.errors import (
     ModelNotFound,
 )
 from app.profiles import Profile, ProfileSet
+from app.proxy.backend_fields import check_model_bounds
 from app.proxy.context import check_prompt_length, fit_top_k
+from app.proxy.plan import Planner, apply_plan
 from app.proxy.record import RequestRecord
 from app.proxy.relay import (
     RelayTimeouts,
@@ -62,18 +61,14 @@ from app.scheduler import Ticket
 
 logger = logging.getLogger("specgate.requests")
 T = TypeVar("T")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Observer = Callable[[RequestRecord], None]
 StartObserver = Callable[[RequestRecord, BackendSlot], None]
 RefusalObserver = Callable[[Profile | None, str], None]
 
 
-def request_id_for(request: Request) -> str:
-    """The client's X-Request-Id when it is sane, so logs line up across systems; else a new one."""
-    given = request.headers.get("x-request-id")
-    if given and _REQUEST_ID.match(given):
-        return given
-    return f"sg-{uuid.uuid4().hex[:20]}"
+def request_id_of(request: Request) -> str:
+    """The request's id: the edge (app/edge.py) decided it and left it as the one X-Request-Id header."""
+    return request.headers["x-request-id"]
 
 
 @dataclass
@@ -129,26 +124,34 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected while sending the request body") from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
-        # Only a \u escape can carry a lone surrogate; such a string cannot be sent on as UTF-8.
-        if b"\\ud" in raw.lower():
+        # Decoded here as UTF-8, strictly: json.loads(bytes) would also take UTF-16 and UTF-32 (and so read
+        # a lone surrogate past the check below), and the body goes on to the backend as UTF-8.
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_constant=_refuse_constant)
+        # Only a \u escape can carry a lone surrogate (strict UTF-8 has none); such a string cannot be sent on.
+        if "\\ud" in text.lower():
             _refuse_surrogates(value)
         return value
     except UnicodeDecodeError as error:
-        raise InvalidRequest("the request body is not valid UTF-8") from error
+        raise InvalidRequest(f"the request body is not valid UTF-8 (at byte {error.start})") from error
     except json.JSONDecodeError as error:
         raise InvalidRequest(
             f"invalid JSON in the request body: {error.msg} at line {error.lineno} column {error.colno}"
         ) from error
+    except ValueError as error:  # the only other one: an integer over Python's 4300-digit conversion limit
+        raise InvalidRequest("a number in the request body has too many digits") from error
     except RecursionError as error:
         raise InvalidRequest("the request body is nested too deeply") from error
 
@@ -180,12 +183,13 @@ class CompletionHandler:
     def __init__(
         self,
         pool: BackendPool,
-        http: httpx.AsyncClient,
+        planner: Planner,
         timeouts: RelayTimeouts,
         max_body_bytes: int,
     ) -> None:
         self.pool = pool
-        self.http = http
+        # `auto` draft lengths and routing to a baseline twin under contention (app/adaptive/planner.py).
+        self.planner = planner
         self.timeouts = timeouts
         self.max_body_bytes = max_body_bytes
         self.profiles = ProfileSet([])
@@ -193,7 +197,6 @@ class CompletionHandler:
         self.start_observers: list[StartObserver] = []
         # Called with (profile or None, outcome) for a request refused before it had a record.
         self.refusal_observers: list[RefusalObserver] = []
-        self.planner: SpeculationPlanner | None = None
         # Model value -> local directory (for the prompt-length check); set by the Gateway.
         self.model_dir: Callable[[str], str | None] = lambda value: None
 
@@ -212,20 +215,19 @@ class CompletionHandler:
         return profile
 
     async def handle(self, request: Request, kind: Kind) -> Response:
-        request_id = request_id_for(request)
+        request_id = request_id_of(request)
         profile: Profile | None = None
         try:
             body = await read_json_body(request, self.max_body_bytes)
             profile = self.profile_for(body)
             backend_request = build_backend_request(kind, body, profile)
             model_dir = self.model_dir(profile.model)
+            await check_model_bounds(profile, model_dir, backend_request.body)
             await check_prompt_length(profile, model_dir, body)
             await fit_top_k(model_dir, backend_request.body)
             client_model = body["model"]
-            # `auto` draft lengths and routing to the baseline twin under contention (app/adaptive.py).
-            plan = (
-                self.planner.plan(profile, body, backend_request) if self.planner else Plan(self.pool.slot_for(profile))
-            )
+            # The planner decides (k, routing to a twin); apply_plan alone writes the decision (app/proxy/plan.py).
+            plan = self.planner.plan(profile, body, backend_request)
             slot = plan.slot
             record = RequestRecord(
                 request_id=request_id,
@@ -234,9 +236,9 @@ class CompletionHandler:
                 draft_model=profile.draft_model,
                 kind=kind,
                 streaming=backend_request.client_streams,
-                num_draft_tokens=backend_request.num_draft_tokens,
+                num_draft_tokens=plan.num_draft_tokens,
             )
-            plan.annotate(record)
+            apply_plan(plan, backend_request, record)
             ticket = slot.admission.admit(profile.name, profile.max_queue)
         except Exception as error:
             self._refused(profile, error)
@@ -251,7 +253,6 @@ class CompletionHandler:
                 slot.backend.touch()
 
         rewriter = StreamRewriter(backend_request, record, client_model)
-        headers = {"x-request-id": request_id}
         if backend_request.client_streams:
             # Headers now; the wait for a slot, the backend and the first token happen in the stream.
             phase = Phase()
@@ -260,7 +261,7 @@ class CompletionHandler:
                     partial(self._start, slot, ticket, backend_request, record, phase), phase, rewriter, slot, release
                 ),
                 media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
         try:
             upstream = await race_disconnect(request, self._start(slot, ticket, backend_request, record, Phase()))
@@ -282,7 +283,7 @@ class CompletionHandler:
         finally:
             await upstream.aclose()
             release()
-        return JSONResponse(answer, headers=headers)
+        return JSONResponse(answer)
 
     async def _start(
         self, slot: BackendSlot, ticket: Ticket, request: BackendRequest, record: RequestRecord, phase: Phase
@@ -383,18 +384,22 @@ class CompletionHandler:
                 record.outcome = "client_gone"
             elif isinstance(error, GatewayError):
                 record.outcome = _outcome_for(error)
-                record.error = error.message
+                record.error = error.summary
             else:
+                # The type only: an exception's text or repr can hold the request (a UnicodeEncodeError
+                # holds the whole string it failed on), and records are shown to everyone (/status.json).
                 record.outcome = "internal_error"
-                record.error = repr(error)
+                record.error = f"internal error: {type(error).__name__}"
         elif record.outcome == "unknown":
             record.outcome = "success"
+        record.seal()
         logger.info("%s", record.log_line())
         for observe in self.observers:
             try:
                 observe(record)
             except Exception:
                 logger.exception("request observer failed")
+        record.drop_token_gaps()
 
 
 async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamResponse | None:
@@ -417,6 +422,8 @@ def _notice_backend_failure(slot: BackendSlot, error: BaseException | None) -> N
 
 
 def _outcome_for(error: GatewayError) -> str:
+    if isinstance(error, ClientGone):
+        return "client_gone"
     if error.status_code == 429:
         return "rejected"
     if error.status_code < 500:

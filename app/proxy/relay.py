@@ -14,16 +14,17 @@ request is alive during minutes of prompt processing on a CPU). The first-token 
 so a backend that reports prompt progress is not timed out while it makes progress. After the first
 token nothing changes: one timer per read.
 
-Prompt progress: mlx_lm.server (0.32.2, so the launcher too) writes `: keepalive n/m` on a stream after its
-headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the prompt. The relay
-passes comment lines on, and names that one for the client: `: prompt n/m`. Only comment lines take that
-branch, so the per-token path is unchanged.
+Prompt progress: mlx_lm.server (0.32.2; the launcher also with a draft model) writes `: keepalive n/m` on a
+stream after its headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the
+prompt. The relay passes comment lines on, and names that one for the client: `: prompt n/m`. Only
+comment lines take that branch, so the per-token path is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,20 +33,14 @@ from typing import Any
 import orjson
 
 from app.backends.process import Backend
-from app.errors import (
-    BackendDied,
-    BackendError,
-    BackendTimeout,
-    BackendUnreachable,
-    GatewayError,
-    InvalidRequest,
-    error_body,
-)
+from app.errors import BackendDied, BackendError, BackendTimeout, BackendUnreachable, GatewayError, InvalidRequest
 from app.proxy import upstream as upstream_http
 from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
 from app.proxy.toolrelay import ToolCallRelay, parse_message
 from app.proxy.upstream import HeadTimeout, UpstreamError, UpstreamResponse
+
+logger = logging.getLogger("specgate.requests")
 
 DONE = b"data: [DONE]\n\n"
 WAITING = b": waiting"
@@ -77,12 +72,22 @@ def _backend_message(raw: bytes) -> str:
 def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayError:
     """mlx_lm.server answers failures with `{"error": "<string>"}` and, before generation, 404."""
     message = _backend_message(raw)
+    # Summaries without the backend's text: it can quote the request (GatewayError.summary).
     if "generation thread died" in message:
         backend.note_broken(message)
-        return BackendDied(f"backend {backend.name} lost its generation thread and is restarting: {message}")
-    if status in (400, 404, 411, 413, 422):
-        return InvalidRequest(f"the backend rejected the request: {message}")
-    return BackendError(f"backend {backend.name} answered HTTP {status}: {message}")
+        died = f"backend {backend.name} lost its generation thread and is restarting"
+        return BackendDied(f"{died}: {message}", summary=died)
+    if status == 400:
+        # mlx_lm.server answers 400 while it reads a request: its own field checks (made by the gateway
+        # first: app/proxy/backend_fields.py) and fetching image URLs, whose errors say what an internal
+        # address answered (issue 19). So its words stay in the gateway's log, out of the answer.
+        logger.warning("backend %s refused a request (HTTP 400): %s", backend.name, message)
+        return InvalidRequest("the backend refused the request (HTTP 400); the gateway's log has its reason")
+    if status in (404, 411, 413, 422):
+        rejected = f"the backend rejected the request (HTTP {status})"
+        return InvalidRequest(f"the backend rejected the request: {message}", summary=rejected)
+    answered = f"backend {backend.name} answered HTTP {status}"
+    return BackendError(f"{answered}: {message}", summary=answered)
 
 
 def dumps(value: Any) -> bytes:
@@ -293,7 +298,8 @@ def _relay_batch(payloads: list[bytes], rewriter: StreamRewriter, now: float, ou
         if chunk is None:
             continue
         if "error" in chunk and not chunk.get("choices"):
-            raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+            reported = "the backend reported an error"
+            raise BackendError(f"{reported}: {_backend_message(payload)}", summary=reported)
         rewritten = rewriter.rewrite(chunk, now)
         if rewritten is not None:
             out.append(b"data: " + dumps(rewritten) + b"\n\n")
@@ -320,7 +326,7 @@ async def relay_stream(
         record.outcome = "success"
     except GatewayError as error:
         record.outcome = "backend_error"
-        record.error = error.message
+        record.error = error.summary
         rewriter.failure = error
         # Events of the failing read that came before the error still reach the client.
         yield b"".join([*out, sse_error(error)])
@@ -438,7 +444,8 @@ def _assemble_one(payload: bytes, rewriter: StreamRewriter, assembly: Assembly, 
     if chunk is None:
         return
     if "error" in chunk and not chunk.get("choices"):
-        raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+        reported = "the backend reported an error"
+        raise BackendError(f"{reported}: {_backend_message(payload)}", summary=reported)
     if _is_usage_chunk(chunk):
         rewriter.absorb_usage(chunk)
         assembly.usage = chunk.get("usage")
@@ -474,7 +481,3 @@ async def read_unstreamed(
     body["model"] = client_model
     body.update(rewriter.record.response_extras())
     return body
-
-
-def error_payload(error: GatewayError) -> dict[str, Any]:
-    return error_body(error.message, error.error_type, error.param, error.code)

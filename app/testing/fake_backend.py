@@ -92,6 +92,8 @@ Failure modes (flags; they combine)
   --serial                 one request generates at a time; the others wait, in arrival order, with no
                            bytes sent (mlx_lm.server with a draft model).
   --fail-requests-with S   answer every completion with HTTP status S and `{"error": "..."}`.
+  --fail-chat-with S       answer every chat completion (text completions, so the readiness probe, pass) with
+                           HTTP status S and an error that quotes the request's text, as backend errors can.
   --reply-text TEXT        answer chat requests with TEXT (see "Scripted replies"); repeat for later turns.
   --record-requests PATH   append each completion request's JSON body to PATH, one line per request (for
                            tests of what a real client sends through the gateway).
@@ -329,6 +331,7 @@ class Config:
     print_load_event: bool
     serial: bool
     fail_requests_with: int | None
+    fail_chat_with: int | None
     reply_text: list[str] | None
     record_requests: str | None
 
@@ -355,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-load-event", action="store_true")
     parser.add_argument("--serial", action="store_true")
     parser.add_argument("--fail-requests-with", type=int, metavar="STATUS")
+    parser.add_argument("--fail-chat-with", type=int, metavar="STATUS")
     parser.add_argument("--reply-text", action="append", metavar="TEXT")
     parser.add_argument("--record-requests", metavar="PATH")
     return parser
@@ -795,6 +799,8 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(
                 config.fail_requests_with, f"fake failure (--fail-requests-with {config.fail_requests_with})"
             )
+        if config.fail_chat_with is not None and self.path != "/v1/completions":
+            raise RequestError(config.fail_chat_with, f"fake failure on the text {source_text(body)!r}")
         check_load_instructions(request, config)
         return request
 
