@@ -33,25 +33,18 @@ from app.routes import router
 from app.settings import Settings
 from app.status import install_status
 from app.status import router as status_router
-from app.write_timeout import ClientWriteTimeout
 
 logger = logging.getLogger("specgate")
 
 
 class SpecgateApp(FastAPI):
-    """FastAPI with an optional plain-ASGI layer in front of its whole middleware stack (app/fastpath.py),
-    and in front of everything the bound on sends to clients (app/write_timeout.py)."""
+    """FastAPI with an optional plain-ASGI layer in front of its whole middleware stack (app/fastpath.py)."""
 
     front: Callable[[ASGIApp], ASGIApp] | None = None
-    client_write_timeout: float | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
-        if self.front is not None:
-            stack = self.front(stack)
-        if self.client_write_timeout is not None:
-            stack = ClientWriteTimeout(stack, self.client_write_timeout)
-        return stack
+        return stack if self.front is None else self.front(stack)
 
 
 def create_app(settings: Settings, profiles: ProfileSet) -> Edge:
@@ -74,7 +67,6 @@ def create_app(settings: Settings, profiles: ProfileSet) -> Edge:
             await gateway.close()
 
     app = SpecgateApp(title="specgate", version="0.1.0", lifespan=lifespan)
-    app.client_write_timeout = settings.client_write_timeout
     app.state.gateway = gateway
     app.include_router(router)
     app.include_router(logs_router)
@@ -181,6 +173,8 @@ def serve(settings: Settings, profiles: ProfileSet, sock: socket.socket) -> None
         # SIGTERM: stop listening, let in-flight requests finish for up to this long, then stop backends.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         lifespan="on",
-        http=limited_protocol(settings.max_header_bytes, settings.header_timeout, settings.body_timeout),
+        http=limited_protocol(
+            settings.max_header_bytes, settings.header_timeout, settings.body_timeout, settings.client_write_timeout
+        ),
     )
     uvicorn.Server(config).run(sockets=[sock])

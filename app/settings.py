@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     restart_backoff_max: float = Field(default=60.0, ge=0)
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    # Seconds one send to a client may wait for it to read (app/write_timeout.py); then its connection is
-    # closed and its request ends as if it had left: a client that stops reading holds no backend slot.
+    # Seconds a connection may stay unable to take more of its answer (the client reads nothing); then it is
+    # aborted and its request ends as if the client had left: one that stops reading holds no backend slot.
     client_write_timeout: float = Field(default=60.0, gt=0)
     # A request's head (request line and headers): beyond this many bytes 431; not complete within this
     # many seconds of the connection's start (or the request's first byte): 408; its body not complete
