@@ -19,9 +19,9 @@ from starlette.types import ASGIApp
 
 from app.auth import ApiKeyMiddleware, load_keys, protected_prefixes, reload_keys
 from app.browser_guard import BrowserGuard, HostPolicy
+from app.completion_endpoint import CompletionFastPath
 from app.edge import Edge
 from app.errors import GatewayError, error_body
-from app.completion_endpoint import CompletionFastPath
 from app.gateway import Gateway
 from app.http_limits import limited_protocol
 from app.logs_api import router as logs_router

@@ -7,7 +7,8 @@ per request in `specgate bench overhead` profiles; this one writes the request i
 body over as it arrives, in whatever pieces the socket gives, so the relay can batch what came together.
 
 Chunked responses and `Content-Length` are honoured too, should a backend program send them.
-Transport failures raise `UpstreamError`; mapping them to the gateway's errors is the relay's job.
+Transport failures (`TRANSPORT_FAILURES`) raise `UpstreamError`; the relay turns that into a gateway error
+through the one table in app/errors.py.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from app.errors import TRANSPORT_FAILURES, UpstreamError
+
 READ_SIZE = 65536
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-class UpstreamError(Exception):
-    """The connection to the backend failed (refused, reset, closed early, or timed out)."""
 
 
 class _Dechunker:
@@ -88,7 +87,7 @@ class UpstreamResponse:
             size = READ_SIZE if self._left is None else min(READ_SIZE, self._left)
             try:
                 data = await self._reader.read(size)
-            except OSError as error:
+            except TRANSPORT_FAILURES as error:
                 raise UpstreamError(f"{type(error).__name__}: {error}") from error
             if not data:
                 if self._left or (self._dechunker is not None and not self._dechunker.finished):
@@ -223,7 +222,7 @@ async def post(
     try:
         async with asyncio.timeout(connect_timeout):
             reader, writer = await (connect() if connect is not None else open_connection(host, port))
-    except (OSError, TimeoutError) as error:
+    except TRANSPORT_FAILURES as error:
         raise UpstreamError(f"{type(error).__name__}: {error}") from error
     try:
         writer.write(_request_bytes(host, port, path, headers, body))
@@ -233,7 +232,7 @@ async def post(
         status, response_headers = _parse_head(head[:-4])
     except BaseException as error:
         writer.close()
-        if isinstance(error, OSError | TimeoutError | asyncio.IncompleteReadError | asyncio.LimitOverrunError):
+        if isinstance(error, TRANSPORT_FAILURES):
             raise UpstreamError(f"{type(error).__name__}: {error}") from error
         raise
     return UpstreamResponse(status, response_headers, reader, writer)
