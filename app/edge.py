@@ -27,7 +27,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.browser_guard import BrowserGuard
-from app.error_response import internal_error, send_error
+from app.error_response import send_error
+from app.errors import internal_error
 from app.logging_setup import current_request_id
 from app.request_id import REQUEST_ID_HEADER, decide_request_id, with_request_id
 

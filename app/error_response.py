@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Send
 
-from app.errors import GatewayError, InvalidRequest
+from app.errors import GatewayError, InvalidRequest, internal_error
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,6 @@ class RoutingError(InvalidRequest):
 
     def headers(self) -> dict[str, str]:
         return self._headers
-
-
-def internal_error(error: BaseException) -> GatewayError:
-    """A bug, by its type only: an exception's text can hold the request."""
-    return GatewayError(f"internal error: {type(error).__name__}")
 
 
 def as_gateway_error(error: BaseException, method: str, path: str) -> GatewayError:

@@ -178,6 +178,12 @@ def from_foreign(error: BaseException, message: str) -> GatewayError:
     raise TypeError(f"no gateway error for {type(error).__name__}") from error
 
 
+def internal_error(error: BaseException) -> GatewayError:
+    """A bug, by its type only: an exception's text or repr can hold the request, and answers and records
+    are shown to others (/status.json)."""
+    return GatewayError(f"internal error: {type(error).__name__}")
+
+
 def outcome_of(error: BaseException | None) -> Outcome:
     """The outcome label of a request that ended with `error` (None: it was served)."""
     if error is None:

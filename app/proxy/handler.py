@@ -40,6 +40,7 @@ from app.errors import (
     InvalidRequest,
     ModelNotFound,
     Outcome,
+    internal_error,
     outcome_of,
 )
 from app.profiles import Profile, ProfileSet
@@ -336,7 +337,7 @@ class CompletionHandler:
             except Exception as bug:
                 logger.exception("unexpected error starting request %s", record.request_id)
                 error = bug
-                yield sse_error(GatewayError(f"internal error: {type(bug).__name__}"))
+                yield sse_error(internal_error(bug))
                 return
             async for piece in relay_stream(upstream, rewriter, self.timeouts):
                 yield piece
@@ -375,7 +376,7 @@ class CompletionHandler:
             elif record.outcome == "internal_error":
                 # The type only: an exception's text or repr can hold the request (a UnicodeEncodeError
                 # holds the whole string it failed on), and records are shown to everyone (/status.json).
-                record.error = f"internal error: {type(error).__name__}"
+                record.error = internal_error(error).message
         elif record.outcome == "unknown":
             record.outcome = "success"
         record.seal()
