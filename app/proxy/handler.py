@@ -32,7 +32,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from app.backends.pool import BackendPool, BackendSlot
-from app.errors import BackendDied, BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
+from app.errors import (
+    BackendDied,
+    BodyTooLarge,
+    ClientGone,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    Outcome,
+    internal_error,
+    outcome_of,
+)
 from app.profiles import Profile, ProfileSet
 from app.proxy.backend_fields import check_model_bounds
 from app.proxy.context import check_prompt_length, fit_top_k
@@ -55,7 +65,7 @@ logger = logging.getLogger("specgate.requests")
 T = TypeVar("T")
 Observer = Callable[[RequestRecord], None]
 StartObserver = Callable[[RequestRecord, BackendSlot], None]
-RefusalObserver = Callable[[Profile | None, str], None]
+RefusalObserver = Callable[[Profile | None, Outcome], None]
 
 
 def request_id_of(request: Request) -> str:
@@ -327,7 +337,7 @@ class CompletionHandler:
             except Exception as bug:
                 logger.exception("unexpected error starting request %s", record.request_id)
                 error = bug
-                yield sse_error(GatewayError(f"internal error: {type(bug).__name__}"))
+                yield sse_error(internal_error(bug))
                 return
             async for piece in relay_stream(upstream, rewriter, self.timeouts):
                 yield piece
@@ -350,7 +360,7 @@ class CompletionHandler:
 
     def _refused(self, profile: Profile | None, error: Exception) -> None:
         """Refused before it was queued: no record, but /metrics still counts it by outcome."""
-        outcome = _outcome_for(error) if isinstance(error, GatewayError) else "internal_error"
+        outcome = outcome_of(error)
         for observe in self.refusal_observers:
             try:
                 observe(profile, outcome)
@@ -360,16 +370,13 @@ class CompletionHandler:
     def _finish(self, record: RequestRecord, error: BaseException | None) -> None:
         record.finished = time.monotonic()
         if error is not None:
-            if isinstance(error, ClientGone | asyncio.CancelledError | GeneratorExit):
-                record.outcome = "client_gone"
-            elif isinstance(error, GatewayError):
-                record.outcome = _outcome_for(error)
+            record.outcome = outcome_of(error)
+            if isinstance(error, GatewayError) and record.outcome != "client_gone":
                 record.error = error.summary
-            else:
+            elif record.outcome == "internal_error":
                 # The type only: an exception's text or repr can hold the request (a UnicodeEncodeError
                 # holds the whole string it failed on), and records are shown to everyone (/status.json).
-                record.outcome = "internal_error"
-                record.error = f"internal error: {type(error).__name__}"
+                record.error = internal_error(error).message
         elif record.outcome == "unknown":
             record.outcome = "success"
         record.seal()
@@ -391,13 +398,3 @@ async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamRespon
     if starting.cancelled() or starting.exception() is not None:
         return None
     return starting.result()
-
-
-def _outcome_for(error: GatewayError) -> str:
-    if isinstance(error, ClientGone):
-        return "client_gone"
-    if error.status_code == 429:
-        return "rejected"
-    if error.status_code < 500:
-        return "client_error"
-    return "backend_error"
