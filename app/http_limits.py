@@ -30,23 +30,33 @@ from __future__ import annotations
 
 import asyncio
 import http
-import json
 import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.errors import error_body
+from app.error_response import render_error
+from app.errors import InvalidRequest
+from app.request_id import new_request_id
 
 logger = logging.getLogger("specgate.http")
 
 
-def _refusal(status: int, message: str) -> bytes:
-    body = json.dumps(error_body(message, "invalid_request_error", None, http.HTTPStatus(status).name.lower())).encode()
-    head = (
-        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+class ConnectionRefusal(InvalidRequest):
+    """431 or 408: the head or the body broke a limit; the connection closes after the answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, code=http.HTTPStatus(status).name.lower())
+        self.status_code = status
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+def _refusal(error: ConnectionRefusal, request_id: bytes) -> bytes:
+    """The whole answer as bytes: it is written to the transport, before (or instead of) any ASGI request."""
+    rendered = render_error(error, request_id)
+    head = f"HTTP/1.1 {rendered.status} {http.HTTPStatus(rendered.status).phrase}\r\n".encode("latin-1")
+    return head + b"".join(name + b": " + value + b"\r\n" for name, value in rendered.headers) + b"\r\n" + rendered.body
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -203,9 +213,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str) -> None:
         self._refused = True
         self._stop_head_timer()
-        logger.info("closed a connection: %s", message)
+        request_id = new_request_id()
+        logger.info("closed a connection (%s): %s", request_id.decode("ascii"), message)
         if not self.transport.is_closing():
-            self.transport.write(_refusal(status, message))
+            self.transport.write(_refusal(ConnectionRefusal(status, message), request_id))
             self.transport.close()
 
 

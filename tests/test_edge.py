@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from app.browser_guard import HostPolicy
 from app.logging_setup import JsonFormatter, RequestIdFilter
@@ -399,7 +400,9 @@ def test_a_500_carries_the_request_id_and_its_log_line_too(tmp_path: Path) -> No
     async def broken() -> None:
         raise RuntimeError("a bug in a route")
 
-    edge.app.add_api_route("/broken", broken)
+    api = edge.app.app  # edge -> completion endpoint -> FastAPI
+    assert isinstance(api, FastAPI)
+    api.add_api_route("/broken", broken)
     captured = _Captured()
     logging.getLogger().addHandler(captured)
     try:

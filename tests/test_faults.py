@@ -306,7 +306,7 @@ def slot_counts(gateway: GatewayProcess, profile: str) -> tuple[int, int]:
     return backend["running"], backend["waiting"]
 
 
-@pytest.mark.parametrize("cors", [False, True], ids=["fast-path", "starlette-path"])
+@pytest.mark.parametrize("cors", [False, True], ids=["no-cors", "cors"])
 @pytest.mark.parametrize("read_first", [0, 20_000], ids=["after-headers", "mid-stream"])
 def test_a_client_that_stops_reading_is_cut_off_and_frees_the_backend(
     model_dir: Path, tmp_path: Path, cors: bool, read_first: int

@@ -1,4 +1,4 @@
-"""The gateway's spare backend connection (app/proxy/upstream.py Preconnected), on a real loopback server.
+"""The gateway's spare backend connection (app/backends/connections.py Preconnected), on a real loopback server.
 
 What must hold: a request gets a connection the server has already accepted whenever one is ready, a
 spare the server closed is never handed out (a restarted backend), and closing leaves no socket open.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from app.proxy.upstream import Preconnected
+from app.backends.connections import Preconnected
 
 
 class Server:

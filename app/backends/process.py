@@ -31,12 +31,12 @@ from typing import Any
 
 import httpx
 
+from app.backends.connections import Heartbeat, Preconnected
 from app.backends.logs import BackendLog, pump_stream
 from app.blas import plan as blas_plan
 from app.errors import BackendStartFailed, ModelUnavailable
 from app.models.sources import SourceStatus
 from app.profiles import BackendSpec
-from app.proxy.upstream import Heartbeat, Preconnected
 
 logger = logging.getLogger("specgate.backend")
 

@@ -34,12 +34,14 @@ from starlette.requests import ClientDisconnect
 from app.backends.pool import BackendPool, BackendSlot
 from app.errors import (
     BackendDied,
-    BackendUnreachable,
     BodyTooLarge,
     ClientGone,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
+    Outcome,
+    internal_error,
+    outcome_of,
 )
 from app.profiles import Profile, ProfileSet
 from app.proxy.backend_fields import check_model_bounds
@@ -63,7 +65,7 @@ logger = logging.getLogger("specgate.requests")
 T = TypeVar("T")
 Observer = Callable[[RequestRecord], None]
 StartObserver = Callable[[RequestRecord, BackendSlot], None]
-RefusalObserver = Callable[[Profile | None, str], None]
+RefusalObserver = Callable[[Profile | None, Outcome], None]
 
 
 def request_id_of(request: Request) -> str:
@@ -299,7 +301,7 @@ class CompletionHandler:
         process = slot.backend.process
         try:
             return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
-        except BackendUnreachable:
+        except BackendDied:
             # No answer at all. If the process it went to has died, the request never reached generation:
             # restart the backend and send it once more. That is the normal fate of requests queued behind
             # a crash (each is handed its slot as soon as the request that saw the crash ends, before the
@@ -345,7 +347,7 @@ class CompletionHandler:
             except Exception as bug:
                 logger.exception("unexpected error starting request %s", record.request_id)
                 error = bug
-                yield sse_error(GatewayError(f"internal error: {type(bug).__name__}"))
+                yield sse_error(internal_error(bug))
                 return
             async for piece in relay_stream(upstream, rewriter, self.timeouts):
                 yield piece
@@ -370,7 +372,7 @@ class CompletionHandler:
 
     def _refused(self, profile: Profile | None, error: Exception) -> None:
         """Refused before it was queued: no record, but /metrics still counts it by outcome."""
-        outcome = _outcome_for(error) if isinstance(error, GatewayError) else "internal_error"
+        outcome = outcome_of(error)
         for observe in self.refusal_observers:
             try:
                 observe(profile, outcome)
@@ -380,16 +382,13 @@ class CompletionHandler:
     def _finish(self, record: RequestRecord, error: BaseException | None) -> None:
         record.finished = time.monotonic()
         if error is not None:
-            if isinstance(error, ClientGone | asyncio.CancelledError | GeneratorExit):
-                record.outcome = "client_gone"
-            elif isinstance(error, GatewayError):
-                record.outcome = _outcome_for(error)
+            record.outcome = outcome_of(error)
+            if isinstance(error, GatewayError) and record.outcome != "client_gone":
                 record.error = error.summary
-            else:
+            elif record.outcome == "internal_error":
                 # The type only: an exception's text or repr can hold the request (a UnicodeEncodeError
                 # holds the whole string it failed on), and records are shown to everyone (/status.json).
-                record.outcome = "internal_error"
-                record.error = f"internal error: {type(error).__name__}"
+                record.error = internal_error(error).message
         elif record.outcome == "unknown":
             record.outcome = "success"
         record.seal()
@@ -419,13 +418,3 @@ def _notice_backend_failure(slot: BackendSlot, error: BaseException | None) -> N
     rather than being sent to the dead process (issue 19 item 10). A synchronous check, only on failure."""
     if isinstance(error, BackendDied):
         slot.backend.notice_if_gone()
-
-
-def _outcome_for(error: GatewayError) -> str:
-    if isinstance(error, ClientGone):
-        return "client_gone"
-    if error.status_code == 429:
-        return "rejected"
-    if error.status_code < 500:
-        return "client_error"
-    return "backend_error"

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.errors import Outcome
+
 # What a finished record keeps of text: records are kept (the status page holds 500) and shown to everyone.
 ERROR_CHARS = 300
 FINISH_REASON_CHARS = 40
@@ -89,7 +91,7 @@ class RequestRecord:
     backend_generation_seconds: float | None = None
     spec: SpecStats | None = None
     finish_reason: str | None = None
-    outcome: str = "unknown"
+    outcome: Outcome = "unknown"
     error: str | None = None
     finished: float | None = None
     # From the planner's Plan (app/proxy/plan.py): the twin that served the request under contention, why k

@@ -1,7 +1,8 @@
 """Talk to a backend: open the upstream request, relay its SSE stream, or assemble one answer.
 
-Every low-level failure (the connection, the backend's own error shapes) is mapped to the gateway's
-errors here and nowhere else.
+A broken connection or a silence that lasts too long becomes a gateway error through the one table of
+foreign exceptions (`from_foreign`, app/errors.py); the backend's own error answers are mapped here
+(`map_backend_status`), where their shapes are known.
 
 The stream is relayed per socket read, not per event: events that arrived together are rewritten and
 sent to the client in one write. On a real model that is one token per read, as before; when a backend
@@ -33,12 +34,21 @@ from typing import Any
 import orjson
 
 from app.backends.process import Backend
-from app.errors import BackendDied, BackendError, BackendTimeout, BackendUnreachable, GatewayError, InvalidRequest
+from app.errors import (
+    BackendDied,
+    BackendError,
+    BackendTimeout,
+    GatewayError,
+    InvalidRequest,
+    UpstreamError,
+    from_foreign,
+    outcome_of,
+)
 from app.proxy import upstream as upstream_http
 from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
 from app.proxy.toolrelay import ToolCallRelay, parse_message
-from app.proxy.upstream import HeadTimeout, UpstreamError, UpstreamResponse
+from app.proxy.upstream import HeadTimeout, UpstreamResponse
 
 logger = logging.getLogger("specgate.requests")
 
@@ -150,7 +160,7 @@ async def open_upstream(
             f"backend {backend.name} did not start this request within {cap:.0f}s (busy with other requests)"
         ) from None
     except UpstreamError as error:
-        raise BackendUnreachable(f"backend {backend.name} is unreachable: {error}") from error
+        raise from_foreign(error, f"backend {backend.name} is unreachable: {error}") from error
     if response.status_code != 200:
         try:
             raw = await asyncio.wait_for(response.aread(), timeouts.inactivity)
@@ -186,15 +196,16 @@ async def _sse_batches(
         try:
             async with asyncio.timeout(step):
                 data = await response.read_some()
-        except TimeoutError:
+        except TimeoutError as error:
             silent += step
             if waiting and silent < limit:
                 yield [WAITING]  # cancelling a read loses nothing: the bytes stay in the reader
                 continue
             what = "first token" if waiting else "next token"
-            raise BackendTimeout(f"the backend sent nothing for {limit:.0f}s while waiting for the {what}") from None
+            silence = f"the backend sent nothing for {limit:.0f}s while waiting for the {what}"
+            raise from_foreign(error, silence) from None
         except UpstreamError as error:
-            raise BackendDied(f"the backend connection broke mid-response: {error}") from error
+            raise from_foreign(error, f"the backend connection broke mid-response: {error}") from error
         silent = 0.0
         if not data:
             if pending.strip():
@@ -325,7 +336,7 @@ async def relay_stream(
             raise BackendDied("the backend closed the stream before it finished (it may have crashed)")
         record.outcome = "success"
     except GatewayError as error:
-        record.outcome = "backend_error"
+        record.outcome = outcome_of(error)
         record.error = error.summary
         rewriter.failure = error
         # Events of the failing read that came before the error still reach the client.
@@ -461,10 +472,10 @@ async def read_unstreamed(
     """A non-streaming upstream answer (only for logprobs, which mlx never streams)."""
     try:
         raw = await asyncio.wait_for(response.aread(), timeouts.first_token)
-    except TimeoutError:
-        raise BackendTimeout(f"no answer from the backend within {timeouts.first_token:.0f}s") from None
+    except TimeoutError as error:
+        raise from_foreign(error, f"no answer from the backend within {timeouts.first_token:.0f}s") from None
     except UpstreamError as error:
-        raise BackendDied(f"the backend connection broke: {error}") from error
+        raise from_foreign(error, f"the backend connection broke: {error}") from error
     body = _parse_chunk(raw.decode("utf-8", errors="replace"))
     if body is None:
         raise BackendDied("the backend sent an unreadable answer")

@@ -7,8 +7,8 @@ per request in `specgate bench overhead` profiles; this one writes the request i
 body over as it arrives, in whatever pieces the socket gives, so the relay can batch what came together.
 
 Chunked responses and `Content-Length` are honoured too, should a backend program send them.
-Transport failures raise `UpstreamError` (`HeadTimeout` when the status line is too late); mapping them to
-the gateway's errors is the relay's job.
+Transport failures (`TRANSPORT_FAILURES`) raise `UpstreamError` (`HeadTimeout` when the status line is too
+late); the relay turns that into a gateway error through the one table in app/errors.py.
 """
 
 from __future__ import annotations
@@ -18,32 +18,12 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-READ_SIZE = 65536
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-class UpstreamError(Exception):
-    """The connection to the backend failed (refused, reset, closed early, or timed out)."""
+from app.backends.connections import READ_SIZE, Connection, Heartbeat, open_connection
+from app.errors import TRANSPORT_FAILURES, UpstreamError
 
 
 class HeadTimeout(UpstreamError):
     """The backend took the request but sent no status line in the time it was given."""
-
-
-class Heartbeat:
-    """When a backend last sent a byte on any of its connections (monotonic seconds).
-
-    One per backend process, shared by its requests: a request still waiting for its status line can tell a
-    backend that is busy answering others (it waits on) from one that has gone silent (hung).
-    """
-
-    __slots__ = ("last",)
-
-    def __init__(self) -> None:
-        self.last = time.monotonic()
-
-    def beat(self) -> None:
-        self.last = time.monotonic()
 
 
 class _Dechunker:
@@ -112,7 +92,7 @@ class UpstreamResponse:
             size = READ_SIZE if self._left is None else min(READ_SIZE, self._left)
             try:
                 data = await self._reader.read(size)
-            except OSError as error:
+            except TRANSPORT_FAILURES as error:
                 raise UpstreamError(f"{type(error).__name__}: {error}") from error
             if not data:
                 if self._left or (self._dechunker is not None and not self._dechunker.finished):
@@ -141,74 +121,6 @@ class UpstreamResponse:
         self._writer.close()
         with contextlib.suppress(OSError, asyncio.CancelledError):
             await self._writer.wait_closed()
-
-
-async def open_connection(host: str, port: int) -> Connection:
-    """A fresh connection to a backend, read in pieces of up to READ_SIZE."""
-    return await asyncio.open_connection(host, port, limit=READ_SIZE)
-
-
-class Preconnected:
-    """Keeps one connection to a backend open ahead of the request that will use it.
-
-    Why: the backends are HTTP/1.0 servers that accept a connection and start a thread for it before they
-    read a byte, and a request can use a connection only once. Opening the next request's connection
-    while the current one runs takes the connect, the accept and the thread start off the next request's
-    path (the bench's figures: `specgate bench overhead`, docs/benchmarks.md). A spare that the backend
-    closed meanwhile is seen at its EOF and replaced by a fresh connect; the backend's owner closes this
-    when it stops the process, so no spare outlives its backend.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self._spare: asyncio.Task[Connection] | None = None
-        self._closed = False
-
-    async def _connect(self) -> Connection:
-        return await open_connection(self.host, self.port)
-
-    def _refill(self) -> None:
-        if self._closed:
-            return
-        spare = asyncio.get_running_loop().create_task(self._connect())
-        # A spare that fails to connect (the backend went away) is only dropped: retrieve its error.
-        spare.add_done_callback(lambda task: task.cancelled() or task.exception())
-        self._spare = spare
-
-    @staticmethod
-    def _alive(spare: asyncio.Task[Connection]) -> Connection | None:
-        if spare.cancelled() or spare.exception() is not None:
-            return None
-        reader, writer = spare.result()
-        if writer.is_closing() or reader.at_eof():
-            writer.close()
-            return None
-        return reader, writer
-
-    async def take(self) -> Connection:
-        """The spare connection when it is open and alive, else a fresh one; a new spare follows."""
-        spare = self._spare
-        if spare is None:
-            self._refill()
-        elif spare.done():
-            self._spare = None
-            self._refill()
-            connection = self._alive(spare)
-            if connection is not None:
-                return connection
-        # A spare still connecting stays for the next request; this one connects on its own.
-        return await self._connect()
-
-    def close(self) -> None:
-        self._closed = True
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return
-        if not spare.done():
-            spare.cancel()
-        elif (connection := self._alive(spare)) is not None:
-            connection[1].close()
 
 
 def _request_bytes(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -253,7 +165,7 @@ async def post(
     try:
         async with asyncio.timeout(connect_timeout):
             reader, writer = await (connect() if connect is not None else open_connection(host, port))
-    except (OSError, TimeoutError) as error:
+    except TRANSPORT_FAILURES as error:
         raise UpstreamError(f"{type(error).__name__}: {error}") from error
     try:
         writer.write(_request_bytes(host, port, path, headers, body))
@@ -263,7 +175,7 @@ async def post(
         status, response_headers = _parse_head(head[:-4])
     except BaseException as error:
         writer.close()
-        if isinstance(error, OSError | TimeoutError | asyncio.IncompleteReadError | asyncio.LimitOverrunError):
+        if isinstance(error, TRANSPORT_FAILURES):
             raise UpstreamError(f"{type(error).__name__}: {error}") from error
         raise
     if heartbeat is not None:

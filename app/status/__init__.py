@@ -21,13 +21,14 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from app.backends.activity import read_activities
 from app.backends.pool import BackendSlot
+from app.errors import Outcome
 from app.gateway import Gateway
 from app.proxy.record import RequestRecord
 
 router = APIRouter()
 # Per-profile figures are taken over this many of its latest finished requests.
 PROFILE_WINDOW = 50
-_FAILED_OUTCOMES = frozenset({"backend_error", "internal_error"})
+_FAILED_OUTCOMES: frozenset[Outcome] = frozenset({"backend_error", "internal_error"})
 
 
 class RecentRequests:
