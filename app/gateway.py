@@ -49,6 +49,7 @@ class Gateway:
                 first_token=settings.first_token_timeout,
                 inactivity=settings.inactivity_timeout,
                 keepalive=settings.keepalive_seconds,
+                head=settings.head_timeout,
             ),
             settings.max_body_bytes,
         )

@@ -1,5 +1,5 @@
 """Limits on how a request arrives: the size of its head (request line and headers), and the time its head
-and its body may take.
+and its body may take; and on how its answer leaves: the time a client may go without reading.
 
 uvicorn's httptools protocol has none of them: httptools buffers a header until its end, however long, and
 a connection that sends nothing, or a byte now and then, is kept forever (uvicorn's keep-alive timeout only
@@ -14,6 +14,14 @@ memory for as long as its client liked. This subclass of uvicorn's protocol adds
   `timeout` seconds; else 408 (nothing when no byte came) and the connection is closed.
 - body time: from the end of the head, the body must be complete within `body_timeout` seconds; else 408
   (if no answer has started) and the connection is closed; the request sees its client leave.
+- write time: the transport pauses writing (uvicorn's `send` then waits, by flow control) while the
+  connection's write buffer is over its high-water mark, that is while the client reads nothing once the
+  kernel's buffers are full. Paused for `write_timeout` seconds, the connection is aborted (a reset: a
+  graceful close would wait for the same buffer to drain). A streaming client that stopped reading but
+  stayed connected would otherwise hold its request's backend slot, and the backend's work, forever, and
+  the requests queued behind it too (issue 19 item 7); now its request ends as for a client that left (the
+  app sees a disconnect: the upstream closes, which stops the backend, and the slot goes to the next one).
+  A timer runs only while writing is paused: nothing per chunk.
 
 The body's size is `SPECGATE_MAX_BODY_BYTES`'s concern (app/proxy/handler.py).
 """
@@ -57,6 +65,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_bytes = 64 * 1024
     timeout = 30.0
     body_timeout = 120.0
+    write_timeout = 60.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -68,11 +77,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._bytes_seen = False
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.timeout, self._head_too_slow)
         self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         self._stop_body_timer()
+        self._stop_write_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout, self._write_too_slow)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_write_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -156,6 +176,30 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             logger.info("closed a connection: %s", message)
             self.transport.close()
 
+    def _write_too_slow(self) -> None:
+        self._write_timer = None
+        logger.warning(
+            "closed a connection: the client read nothing for %gs (request %s)",
+            self.write_timeout,
+            self._request_id() or "-",
+        )
+        self._refused = True
+        self.transport.abort()  # the app's pending send returns and it sees the client gone
+
+    def _request_id(self) -> str | None:
+        """The X-Request-Id the client sent, if any (the edge decides the id in its own copy of the scope)."""
+        if self.cycle is None:
+            return None
+        for name, value in self.cycle.scope["headers"]:
+            if name == b"x-request-id":
+                return value.decode("latin-1")[:128]
+        return None
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
     def _stop_body_timer(self) -> None:
         if self._body_timer is not None:
             self._body_timer.cancel()
@@ -176,7 +220,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def limited_protocol(max_bytes: int, timeout: float, body_timeout: float) -> type[LimitedHttpToolsProtocol]:
+def limited_protocol(
+    max_bytes: int, timeout: float, body_timeout: float, write_timeout: float = LimitedHttpToolsProtocol.write_timeout
+) -> type[LimitedHttpToolsProtocol]:
     """The protocol class for uvicorn.Config(http=...), with these limits."""
 
     class Configured(LimitedHttpToolsProtocol):
@@ -185,4 +231,5 @@ def limited_protocol(max_bytes: int, timeout: float, body_timeout: float) -> typ
     Configured.max_bytes = max_bytes
     Configured.timeout = timeout
     Configured.body_timeout = body_timeout
+    Configured.write_timeout = write_timeout
     return Configured

@@ -138,6 +138,8 @@ def serve(settings: Settings, profiles: ProfileSet, sock: socket.socket) -> None
         # SIGTERM: stop listening, let in-flight requests finish for up to this long, then stop backends.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         lifespan="on",
-        http=limited_protocol(settings.max_header_bytes, settings.header_timeout, settings.body_timeout),
+        http=limited_protocol(
+            settings.max_header_bytes, settings.header_timeout, settings.body_timeout, settings.client_write_timeout
+        ),
     )
     uvicorn.Server(config).run(sockets=[sock])

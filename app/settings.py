@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     inactivity_timeout: float = Field(default=120.0, gt=0)
     # Prompt processing sends nothing until the first token, and is slow on a CPU: a longer bound.
     first_token_timeout: float = Field(default=900.0, gt=0)
+    # Seconds a backend may send nothing at all (to any request) while a request waits for its response head;
+    # then it is taken for hung: the request gets 504 and the backend is restarted. mlx_lm.server sends a
+    # stream's head before it processes the prompt, so this covers its queue, not prompt processing; it waits
+    # out work the gateway gave up on (a long prompt whose client left), hence minutes (app/proxy/relay.py).
+    head_timeout: float = Field(default=300.0, gt=0)
     # A streaming request gets its headers once admitted, then an SSE comment at least this often while it
     # waits (queue, backend start, prompt processing): clients such as OpenCode give up without headers.
     keepalive_seconds: float = Field(default=10.0, gt=0)
@@ -48,6 +53,9 @@ class Settings(BaseSettings):
     restart_backoff_max: float = Field(default=60.0, ge=0)
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Seconds a connection may stay unable to take more of its answer (the client reads nothing); then it is
+    # aborted and its request ends as if the client had left: one that stops reading holds no backend slot.
+    client_write_timeout: float = Field(default=60.0, gt=0)
     # A request's head (request line and headers): beyond this many bytes 431; not complete within this
     # many seconds of the connection's start (or the request's first byte): 408; its body not complete
     # within body_timeout seconds of the head: 408 (app/http_limits.py).

@@ -1,4 +1,5 @@
-"""The connections to a backend: a fresh one, or the spare `Preconnected` keeps open ahead of the next request.
+"""The connections to a backend: a fresh one, or the spare `Preconnected` keeps open ahead of the next request;
+and the backend's `Heartbeat`, when any of them last brought a byte.
 
 The backend owns its `Preconnected` (app/backends/process.py opens it when the process is ready and closes it
 when it stops); the request's HTTP exchange on a connection is app/proxy/upstream.py's.
@@ -7,9 +8,27 @@ when it stops); the request's HTTP exchange on a connection is app/proxy/upstrea
 from __future__ import annotations
 
 import asyncio
+import time
 
 READ_SIZE = 65536
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class Heartbeat:
+    """When a backend last sent a byte on any of its connections (monotonic seconds).
+
+    One per backend process, shared by its requests (app/proxy/upstream.py stamps it on every read): a
+    request still waiting for its status line can tell a backend that is busy answering others (it waits
+    on) from one that has gone silent (hung).
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
 
 
 async def open_connection(host: str, port: int) -> Connection:

@@ -16,21 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from app.backends.connections import Preconnected
+from app.backends.connections import Heartbeat, Preconnected
 from app.backends.logs import BackendLog, pump_stream
 from app.blas import plan as blas_plan
 from app.errors import BackendStartFailed, ModelUnavailable
@@ -40,7 +41,9 @@ from app.profiles import BackendSpec
 logger = logging.getLogger("specgate.backend")
 
 LAUNCHER_COMMAND = (sys.executable, "-m", "app.launcher")
-_PR_SET_PDEATHSIG = 1
+# The backend's guard (app/backends/guard.py): the direct child, so that nothing the command starts, at any
+# depth, outlives the gateway. Run by path, isolated and without site packages: it needs the stdlib only.
+GUARD_COMMAND = (sys.executable, "-I", "-S", str(Path(__file__).with_name("guard.py")))
 
 
 class BackendState(enum.Enum):
@@ -87,12 +90,44 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child: own process group, and SIGKILL when the gateway dies, even by SIGKILL."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def exit_status_now(process: asyncio.subprocess.Process) -> tuple[bool, int | None]:
+    """(exited, code) of a child process, asked of the kernel now, without reaping it.
+
+    asyncio learns of an exit late: a watcher thread reaps it, then the loop runs the callback, and
+    `wait()` returns only once the pipes have closed too. `waitid(..., WNOWAIT)` sees a dead child at once
+    and leaves the reaping to asyncio. Where it is missing (macOS before Python 3.13), only asyncio's
+    notice counts.
+    """
+    if process.returncode is not None:
+        return True, process.returncode
+    if not hasattr(os, "waitid"):
+        return False, None
+    try:
+        result = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True, None  # already reaped by asyncio's watcher; its callback has not run yet
+    if result is None:
+        return False, None
+    return True, result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
+
+
+def pid_gone(pid: int) -> bool:
+    """Whether a process that is not our child (the guard's) has ended: it is gone, or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (macOS): a zombie counts as alive here, until its guard reaps it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    # The state follows the command name, which is in parentheses and may contain anything.
+    return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] in (b"Z", b"X")
 
 
 class Backend:
@@ -113,7 +148,9 @@ class Backend:
         self._http = http
         self.state = BackendState.STOPPED
         self.port: int | None = None
+        # The guard (app/backends/guard.py); the backend command is its child, `command_pid`.
         self.process: asyncio.subprocess.Process | None = None
+        self.command_pid: int | None = None
         self.log = BackendLog(name, timing.log_lines)
         self.log.on_event = self._on_event
         self.crashes = CrashHistory()
@@ -125,11 +162,15 @@ class Backend:
         # What the backend found serving its matmuls (the launcher's `blas` event); None until it says.
         self.blas: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
+        self._starting: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected_exit = False
-        self._exit_seen = asyncio.Event()
+        # The process whose unexpected exit has been recorded: noticed once, by whoever sees it first.
+        self._exit_recorded: asyncio.subprocess.Process | None = None
         # The next request's connection, opened ahead (app/proxy/upstream.py); only while READY.
         self.connections: Preconnected | None = None
+        # When the process last sent a byte to any request: a busy backend is not a hung one (app/proxy/relay.py).
+        self.heartbeat = Heartbeat()
 
     # ----- public API ---------------------------------------------------------------------
 
@@ -139,7 +180,8 @@ class Backend:
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        """The backend command's pid (its guard's child), once the guard has said it."""
+        return self.command_pid if self.process is not None else None
 
     @property
     def blas_summary(self) -> str | None:
@@ -152,17 +194,43 @@ class Backend:
         return self.state in (BackendState.STARTING, BackendState.READY)
 
     async def ensure_ready(self) -> None:
-        """Return once the backend can take a request; start it if needed."""
+        """Return once the backend can take a request; start it if needed.
+
+        The start runs as a task of its own that the requests waiting for it share: a client that leaves
+        stops waiting, but does not cancel the start. Cancelled with its first requester, a start that takes
+        longer than clients are patient would be killed and begun again by each, and never finish; and a
+        model load is worth finishing for the next request. (Unused, the backend unloads after its TTL.)
+        """
         if self.state is BackendState.READY:
             return
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_when_free())
+            # Retrieve the outcome even if every requester has left (no "exception never retrieved").
+            self._starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+        starting = self._starting
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if starting.cancelled() and caller is not None and not caller.cancelling():
+                # Not this request's cancellation: `stop` abandoned the start (shutdown, profiles removed).
+                raise BackendStartFailed(f"backend {self.name} was stopped while it started") from None
+            raise
+
+    async def _start_when_free(self) -> None:
         async with self._lock:
-            # Another request may have finished the start while this one waited for the lock.
-            if self._is_ready():
-                return
-            await self._start_locked()
+            # Another start may have finished while this one waited for the lock.
+            if not self._is_ready():
+                await self._start_locked()
 
     async def stop(self, reason: str = "stopped") -> None:
-        """SIGTERM the process group, SIGKILL after the grace period, await the exit."""
+        """SIGTERM the process group, SIGKILL after the grace period, await the exit. A start under way is
+        abandoned (the gateway is shutting down, or the backend's profiles are gone)."""
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
         async with self._lock:
             await self._stop_locked(reason)
 
@@ -178,25 +246,50 @@ class Backend:
         self.touch()
 
     def note_broken(self, reason: str) -> None:
-        """A request saw the backend fail (e.g. its generation thread died): restart next time."""
-        if self.state is BackendState.READY:
-            self.log.append("gateway", f"backend marked broken: {reason}")
-            self.failure = reason
+        """A request saw the backend fail (its generation thread died, it hung): it takes no more requests
+        from now on (FAILED, counted as a crash), its processes are killed, and the next request restarts it."""
+        process = self.process
+        if self.state is BackendState.READY and process is not None:
             self._kill_now()
+            self._record_exit(process, f"marked broken: {reason}")
 
-    async def exited_since_ready(self, within: float = 1.0) -> bool:
-        """Whether the process has died (waiting up to `within` s for the exit to be reaped), and the state
-        no longer claims READY. For a request whose connection failed before any answer: a backend killed
-        between two requests is noticed by `_watch` only once its exit is reaped, which can be after the
-        next request already tried to connect."""
-        if self.process is None:
-            return self.state is not BackendState.READY
-        try:
-            # Set by `_watch` once it has reaped the exit and recorded the crash.
-            await asyncio.wait_for(self._exit_seen.wait(), within)
-        except TimeoutError:
-            return False  # alive: the connection failed for another reason
-        return self.state is not BackendState.READY
+    def notice_if_gone(self) -> bool:
+        """For a request whose connection to the backend just broke: if the backend is gone, record it now,
+        before the request hands its slot on, so the next request restarts the backend instead of connecting
+        to a dead port. The kernel knows at once; asyncio hears of the exit later (and the guard exits only
+        after it has cleaned up after the command)."""
+        process = self.process
+        if process is None:
+            return True
+        gone, code = self._gone_now(process)
+        if gone:
+            self._on_exit(process, code)
+        return gone
+
+    async def has_exited(self, process: asyncio.subprocess.Process | None, within: float = 5.0) -> bool:
+        """Whether `process`, the one a request was just sent to, is gone: it has exited, or the backend has
+        been stopped or restarted since. Waits up to `within` s for a process on its way out (the sockets
+        of a killed process close before the kernel reports its exit). An exit found here is recorded at
+        once, so the next `ensure_ready` restarts the backend instead of sending more requests to it."""
+        deadline = time.monotonic() + within
+        while process is not None and process is self.process:
+            gone, code = self._gone_now(process)
+            if gone:
+                self._on_exit(process, code)
+                return True
+            if time.monotonic() >= deadline:
+                return False  # alive: the connection failed for another reason
+            await asyncio.sleep(0.01)
+        return True
+
+    def _gone_now(self, process: asyncio.subprocess.Process) -> tuple[bool, int | None]:
+        """(gone, exit code if known): the guard has exited, or the command it runs has."""
+        exited, code = exit_status_now(process)
+        if exited:
+            return True, code
+        if self.command_pid is not None and pid_gone(self.command_pid):
+            return True, None
+        return False, None
 
     def retry_in(self) -> float:
         return max(0.0, self.crashes.retry_at - time.monotonic())
@@ -231,6 +324,7 @@ class Backend:
             raise
         self.state = BackendState.READY
         self.connections = Preconnected("127.0.0.1", self.port) if self.port is not None else None
+        self.heartbeat = Heartbeat()
         self.ready_at = time.monotonic()
         if self.load_seconds is None and self.started_at is not None:
             self.load_seconds = self.ready_at - self.started_at
@@ -271,19 +365,25 @@ class Backend:
 
     async def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
         self._expected_exit = False
-        self._exit_seen = asyncio.Event()
+        self.command_pid = None
+        if shutil.which(argv[0], path=env.get("PATH")) is None:
+            raise BackendStartFailed(f"cannot run {argv[0]!r}: no such program")
         try:
+            # The guard runs the command. Its stdin is a pipe that the gateway holds open and never writes:
+            # end-of-file there is how the guard learns that the gateway is gone, however it died. A new
+            # session: its process group is what a stop signals, and the set of processes the guard kills.
             self.process = await asyncio.create_subprocess_exec(
+                *GUARD_COMMAND,
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                preexec_fn=_die_with_parent,
+                start_new_session=True,
                 limit=1024 * 1024,
             )
         except OSError as error:
-            raise BackendStartFailed(f"cannot run {argv[0]!r}: {error.strerror}") from error
+            raise BackendStartFailed(f"cannot run the backend guard: {error.strerror}") from error
         process = self.process
         assert process.stdout is not None
         assert process.stderr is not None
@@ -297,17 +397,17 @@ class Backend:
         task.add_done_callback(self._tasks.discard)
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
-        """Notice an unexpected exit at once, so the state never claims a dead process is ready."""
-        exit_seen = self._exit_seen
-        try:
-            self._on_exit(process, await process.wait())
-        finally:
-            exit_seen.set()
+        """Notice an unexpected exit, so the state never claims a dead process is ready."""
+        self._on_exit(process, await process.wait())
 
-    def _on_exit(self, process: asyncio.subprocess.Process, code: int) -> None:
-        if self._expected_exit or process is not self.process:
+    def _on_exit(self, process: asyncio.subprocess.Process, code: int | None) -> None:
+        self._record_exit(process, "exited" if code is None else f"exited with code {code}")
+
+    def _record_exit(self, process: asyncio.subprocess.Process, reason: str) -> None:
+        """An unexpected end of `process` (it died, or was killed as broken): recorded once per process."""
+        if self._expected_exit or process is not self.process or process is self._exit_recorded:
             return
-        reason = f"exited with code {code}"
+        self._exit_recorded = process
         self.log.append("gateway", f"backend {reason}")
         self._close_connections()
         if self.state is BackendState.READY:
@@ -432,7 +532,12 @@ class Backend:
     # ----- launcher events ------------------------------------------------------------------
 
     def _on_event(self, event: dict[str, object]) -> None:
-        if event.get("event") == "loaded":
+        if event.get("event") == "spawned":
+            pid = event.get("pid")
+            # The guard's line comes first; a later one (printed by the command itself) changes nothing.
+            if isinstance(pid, int) and self.command_pid is None:
+                self.command_pid = pid
+        elif event.get("event") == "loaded":
             seconds = event.get("load_seconds")
             if isinstance(seconds, int | float):
                 self.load_seconds = float(seconds)

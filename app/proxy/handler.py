@@ -268,6 +268,7 @@ class CompletionHandler:
         try:
             upstream = await race_disconnect(request, self._start(slot, ticket, backend_request, record, Phase()))
         except BaseException as error:
+            _notice_backend_failure(slot, error)
             release()
             self._finish(record, error)
             raise
@@ -275,6 +276,7 @@ class CompletionHandler:
             read = assemble if backend_request.upstream_streams else read_unstreamed
             answer = await race_disconnect(request, read(upstream, rewriter, self.timeouts, client_model))
         except BaseException as error:
+            _notice_backend_failure(slot, error)
             self._finish(record, error)
             raise
         else:
@@ -296,14 +298,21 @@ class CompletionHandler:
         await self.pool.ensure_ready(slot)
         phase.name = "waiting"
         record.upstream_started = time.monotonic()
+        process = slot.backend.process
         try:
             return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
         except BackendDied:
-            # Nothing reached the backend's answer or the client yet. If the backend died since its last
-            # request (killed, crashed while idle), restart it and send this request once more instead of
-            # failing a request that never had a chance.
-            if not await slot.backend.exited_since_ready():
+            # No answer at all. If the process it went to has died, the request never reached generation:
+            # restart the backend and send it once more. That is the normal fate of requests queued behind
+            # a crash (each is handed its slot as soon as the request that saw the crash ends, before the
+            # exit is known), and of the first request after a backend was killed while idle.
+            if not await slot.backend.has_exited(process):
                 raise
+            logger.info(
+                "request %s: backend %s was gone before it answered; sending the request again once it has restarted",
+                record.request_id,
+                slot.backend.name,
+            )
             phase.name = "loading"
             await self.pool.ensure_ready(slot)
             phase.name = "waiting"
@@ -332,6 +341,7 @@ class CompletionHandler:
             except GatewayError as failed:
                 # The headers are out: the failure is the stream's last event (outcome recorded as before).
                 error = failed
+                _notice_backend_failure(slot, failed)
                 yield sse_error(failed)
                 return
             except Exception as bug:
@@ -350,6 +360,8 @@ class CompletionHandler:
             # Closing the upstream socket is what stops mlx_lm.server from generating.
             if upstream is not None:
                 await upstream.aclose()
+            if record.outcome == "backend_error":
+                _notice_backend_failure(slot, rewriter.failure)
             release()
             if error is not None:
                 self._finish(record, error)
@@ -398,3 +410,11 @@ async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamRespon
     if starting.cancelled() or starting.exception() is not None:
         return None
     return starting.result()
+
+
+def _notice_backend_failure(slot: BackendSlot, error: BaseException | None) -> None:
+    """A request that failed because its backend's connection broke (it died, most likely) asks whether the
+    backend is gone before it releases its slot: then the request it hands the slot to restarts the backend
+    rather than being sent to the dead process (issue 19 item 10). A synchronous check, only on failure."""
+    if isinstance(error, BackendDied):
+        slot.backend.notice_if_gone()

@@ -34,12 +34,21 @@ from typing import Any
 import orjson
 
 from app.backends.process import Backend
-from app.errors import BackendDied, BackendError, GatewayError, InvalidRequest, UpstreamError, from_foreign, outcome_of
+from app.errors import (
+    BackendDied,
+    BackendError,
+    BackendTimeout,
+    GatewayError,
+    InvalidRequest,
+    UpstreamError,
+    from_foreign,
+    outcome_of,
+)
 from app.proxy import upstream as upstream_http
 from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
 from app.proxy.toolrelay import ToolCallRelay, parse_message
-from app.proxy.upstream import UpstreamResponse
+from app.proxy.upstream import HeadTimeout, UpstreamResponse
 
 logger = logging.getLogger("specgate.requests")
 
@@ -54,6 +63,9 @@ class RelayTimeouts:
     inactivity: float
     # Seconds between SSE comments while a streaming request waits (queue, backend start, first token).
     keepalive: float = 10.0
+    # Seconds a backend may stay silent on every connection while a streamed request waits for its status
+    # line (see `open_upstream`).
+    head: float = 300.0
 
 
 def _backend_message(raw: bytes) -> str:
@@ -102,15 +114,51 @@ async def open_upstream(
     request_id: str,
     timeouts: RelayTimeouts,
 ) -> UpstreamResponse:
-    """Send the request; return the open response once the backend has sent a 200 status line."""
+    """Send the request; return the open response once the backend has sent a 200 status line.
+
+    The wait for the status line is bounded. mlx_lm.server (0.32.2, `handle_completion`) sends a stream's
+    headers as soon as its generation thread takes the request, before the prompt is processed; the
+    gateway streams from the backend, so that wait is only the backend's own queue, which admission keeps
+    empty unless the backend is still busy with work the gateway gave up on (a prompt whose client left)
+    or is hung. A backend that sends nothing on any connection for `timeouts.head` seconds is taken for
+    hung: the request fails with 504 and the backend is restarted, so later requests do not hang on it too.
+    One busy answering other requests (a batch mlx drains before a request it cannot batch) is not hung:
+    the request waits on, up to the first-token bound. A non-streamed upstream request (logprobs) gets its
+    headers only with the whole answer, so its bound is the first-token timeout.
+    """
     host, _, port = backend.base_url.removeprefix("http://").partition(":")
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    heartbeat = backend.heartbeat
+    limit = timeouts.head if request.upstream_streams else timeouts.first_token
+    cap = max(limit, timeouts.first_token)
+    asked = time.monotonic()
+
+    def head_patience() -> float:
+        return min(max(asked, heartbeat.last) + limit, asked + cap) - time.monotonic()
+
     try:
-        # Reads are bounded per chunk by the relay (first token vs. between tokens), not here.
+        # Reads after the head are bounded per chunk by the relay (first token vs. between tokens).
         connect = backend.connections.take if backend.connections is not None else None
         response = await upstream_http.post(
-            host, int(port), request.path, dumps(request.body), headers, connect=connect
+            host,
+            int(port),
+            request.path,
+            dumps(request.body),
+            headers,
+            connect=connect,
+            head_patience=head_patience,
+            heartbeat=heartbeat,
         )
+    except HeadTimeout:
+        if max(asked, heartbeat.last) + limit <= time.monotonic():
+            backend.note_broken(f"no response head for {limit:.0f}s and silent on every connection")
+            raise BackendTimeout(
+                f"backend {backend.name} sent no response head within {limit:.0f}s and nothing on any other "
+                "request; it is being restarted"
+            ) from None
+        raise BackendTimeout(
+            f"backend {backend.name} did not start this request within {cap:.0f}s (busy with other requests)"
+        ) from None
     except UpstreamError as error:
         raise from_foreign(error, f"backend {backend.name} is unreachable: {error}") from error
     if response.status_code != 200:
@@ -196,6 +244,8 @@ class StreamRewriter:
     client_model: str
     _role_sent: bool = False
     tools: ToolCallRelay | None = field(init=False, default=None)
+    # The error that ended a relayed stream (sent to the client as its last event), for the handler.
+    failure: GatewayError | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.request.tools is not None:
@@ -288,6 +338,7 @@ async def relay_stream(
     except GatewayError as error:
         record.outcome = outcome_of(error)
         record.error = error.summary
+        rewriter.failure = error
         # Events of the failing read that came before the error still reach the client.
         yield b"".join([*out, sse_error(error)])
 

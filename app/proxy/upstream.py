@@ -7,18 +7,23 @@ per request in `specgate bench overhead` profiles; this one writes the request i
 body over as it arrives, in whatever pieces the socket gives, so the relay can batch what came together.
 
 Chunked responses and `Content-Length` are honoured too, should a backend program send them.
-Transport failures (`TRANSPORT_FAILURES`) raise `UpstreamError`; the relay turns that into a gateway error
-through the one table in app/errors.py.
+Transport failures (`TRANSPORT_FAILURES`) raise `UpstreamError` (`HeadTimeout` when the status line is too
+late); the relay turns that into a gateway error through the one table in app/errors.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from app.backends.connections import READ_SIZE, Connection, open_connection
+from app.backends.connections import READ_SIZE, Connection, Heartbeat, open_connection
 from app.errors import TRANSPORT_FAILURES, UpstreamError
+
+
+class HeadTimeout(UpstreamError):
+    """The backend took the request but sent no status line in the time it was given."""
 
 
 class _Dechunker:
@@ -68,11 +73,13 @@ class UpstreamResponse:
         headers: dict[str, str],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.status_code = status_code
         self.headers = headers
         self._reader = reader
         self._writer = writer
+        self._heartbeat = heartbeat
         self._dechunker = _Dechunker() if "chunked" in headers.get("transfer-encoding", "").lower() else None
         length = headers.get("content-length", "")
         self._left: int | None = int(length) if length.isdigit() and self._dechunker is None else None
@@ -91,6 +98,8 @@ class UpstreamResponse:
                 if self._left or (self._dechunker is not None and not self._dechunker.finished):
                     raise UpstreamError("the backend closed the connection before the end of the body")
                 return b""
+            if self._heartbeat is not None:
+                self._heartbeat.last = time.monotonic()
             if self._left is not None:
                 self._left -= len(data)
             if self._dechunker is None:
@@ -142,12 +151,16 @@ async def post(
     connect_timeout: float = 10.0,
     write_timeout: float = 30.0,
     connect: Callable[[], Awaitable[Connection]] | None = None,
+    head_patience: Callable[[], float] | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> UpstreamResponse:
     """Send one POST and return once the status line and headers are in (the backend's first byte).
 
     `connect` supplies the connection (a backend's Preconnected.take); without it, a fresh one.
-    The wait for the status line is not bounded here: a backend busy with another request (a draft
-    model serves one at a time) sends nothing until it starts this one; the relay bounds the silence.
+    `head_patience` bounds the wait for the status line: it returns the seconds still allowed, and is asked
+    again each time that much has passed (so the caller can extend the wait while the backend is busy with
+    others); at 0 or below, HeadTimeout. Without it the wait is unbounded. `heartbeat` is stamped when the
+    head and each later piece of the body arrive.
     """
     try:
         async with asyncio.timeout(connect_timeout):
@@ -158,11 +171,26 @@ async def post(
         writer.write(_request_bytes(host, port, path, headers, body))
         async with asyncio.timeout(write_timeout):
             await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
+        head = await _read_head(reader, head_patience)
         status, response_headers = _parse_head(head[:-4])
     except BaseException as error:
         writer.close()
         if isinstance(error, TRANSPORT_FAILURES):
             raise UpstreamError(f"{type(error).__name__}: {error}") from error
         raise
-    return UpstreamResponse(status, response_headers, reader, writer)
+    if heartbeat is not None:
+        heartbeat.beat()
+    return UpstreamResponse(status, response_headers, reader, writer, heartbeat)
+
+
+async def _read_head(reader: asyncio.StreamReader, patience: Callable[[], float] | None) -> bytes:
+    if patience is None:
+        return await reader.readuntil(b"\r\n\r\n")
+    while (allowed := patience()) > 0:
+        try:
+            async with asyncio.timeout(allowed):
+                # A cancelled readuntil consumes nothing: a head that is half in stays in the buffer.
+                return await reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            continue
+    raise HeadTimeout("no status line from the backend in the time allowed")
