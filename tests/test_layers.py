@@ -10,9 +10,11 @@ PUBLIC_MODULES, the package's interface to the rest of app/.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 APP = Path(__file__).resolve().parent.parent / "app"
+ARCHITECTURE = APP.parent / "docs" / "architecture.md"
 
 # The layers, lowest first; a module belongs to the layer of the longest prefix that names it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -318,3 +320,16 @@ def test_no_module_uses_another_modules_private_names() -> None:
     assert not private, "names private to another module (make them public, or keep them home):\n" + "\n".join(
         sorted(private)
     )
+
+
+def test_the_module_map_lists_every_module_and_no_other() -> None:
+    """docs/architecture.md's module map: one row per module of app/, none missing, none that is gone."""
+    text = ARCHITECTURE.read_text()
+    section = text.split("\n## Module map\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(app/[^`]+\.py)` \|", section, flags=re.MULTILINE)
+    present = {str(path.relative_to(APP.parent)) for path in APP.rglob("*.py")}
+    assert len(listed) == len(set(listed)), "modules listed twice in the module map"
+    assert not present - set(listed), (
+        f"modules missing from docs/architecture.md's module map: {sorted(present - set(listed))}"
+    )
+    assert not set(listed) - present, f"the module map lists modules that do not exist: {sorted(set(listed) - present)}"
