@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from app.backends.process import BackendState, BackendTiming
 from app.models.sources import SourceStatus, describe_source
 from app.profiles import ProfileSet
 from app.proxy.handler import CompletionHandler
+from app.proxy.plan import pool_load
 from app.proxy.relay import RelayTimeouts
 from app.settings import Settings
 
@@ -41,7 +43,7 @@ class Gateway:
         )
         self.pool = BackendPool(timing, settings.max_backends, self.resolve, self.http)
         # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
-        self.planner = SpeculationPlanner(self.pool, profiles)
+        self.planner = SpeculationPlanner(partial(pool_load, self.pool), profiles)
         self.handler = CompletionHandler(
             self.pool,
             self.planner,

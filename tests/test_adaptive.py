@@ -13,6 +13,7 @@ import json
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ from app.adaptive.collector import PlannerCollector
 from app.adaptive.estimator import COST_WINDOW, K_MAX, PROBE_EVERY, WARMUP_K, BackendEstimator, Observation
 from app.adaptive.planner import SpeculationPlanner, observation_from_record
 from app.adaptive.prompt_classes import prompt_class
-from app.profiles import ProfileError, ProfileSet, parse_profiles
-from app.proxy.plan import Plan, apply_plan
+from app.profiles import Profile, ProfileError, ProfileSet, parse_profiles
+from app.proxy.plan import Load, Plan, apply_plan
 from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest, build_backend_request
 from app.testing.tiny_model import write_pair
@@ -310,27 +311,29 @@ def test_invalid_auto_or_routing_is_refused_with_the_field(change: tuple[str, st
     assert "spec/auto" in str(caught.value)
 
 
-class _FakeAdmission:
-    def __init__(self, concurrency: int, running: int = 0, waiting: int = 0) -> None:
-        self.concurrency, self.running, self.waiting = concurrency, running, waiting
+@dataclass
+class _BackendLoad:
+    """One backend's load, set by a test; the planner sees it as an app.proxy.plan.Load."""
+
+    concurrency: int
+    running: int = 0
+    waiting: int = 0
+    up: bool = True
 
 
-class _FakeBackend:
-    is_running = True
+class _Loads:
+    """The load function the gateway gives its planner (app.proxy.plan.pool_load), over loads a test sets."""
 
-
-class _FakeSlot:
-    def __init__(self, concurrency: int) -> None:
-        self.admission = _FakeAdmission(concurrency)
-        self.backend = _FakeBackend()
-
-
-class _FakePool:
     def __init__(self, profiles: ProfileSet) -> None:
-        self.slots = {p.backend_spec: _FakeSlot(1 if p.is_speculative else 4) for p in profiles}
+        self.by_spec = {p.backend_spec: _BackendLoad(1 if p.is_speculative else 4) for p in profiles}
+        self.profiles = profiles
 
-    def slot_for(self, profile: Any) -> Any:
-        return self.slots[profile.backend_spec]
+    def of(self, name: str) -> _BackendLoad:
+        return self.by_spec[self.profiles.profiles[name].backend_spec]
+
+    def __call__(self, profile: Profile) -> Load:
+        load = self.by_spec[profile.backend_spec]
+        return Load(load.waiting, load.running, load.concurrency, load.up)
 
 
 FIXED = """
@@ -342,9 +345,13 @@ num_draft_tokens = 3
 
 
 @pytest.fixture
-def planner() -> SpeculationPlanner:
-    profiles = ProfileSet(parse_profiles(TWINS + FIXED))
-    return SpeculationPlanner(_FakePool(profiles), profiles)  # type: ignore[arg-type]
+def loads() -> _Loads:
+    return _Loads(ProfileSet(parse_profiles(TWINS + FIXED)))
+
+
+@pytest.fixture
+def planner(loads: _Loads) -> SpeculationPlanner:
+    return SpeculationPlanner(loads, loads.profiles)
 
 
 def _plan(planner: SpeculationPlanner, body: dict[str, Any]) -> tuple[Plan, BackendRequest, RequestRecord]:
@@ -360,30 +367,30 @@ def _plan(planner: SpeculationPlanner, body: dict[str, Any]) -> tuple[Plan, Back
     return plan, request, record
 
 
-def test_planner_routes_only_past_the_threshold_and_to_a_twin_with_room(planner: SpeculationPlanner) -> None:
-    pool: Any = planner.pool
-    spec_slot = pool.slots[planner.profiles.profiles["spec/auto"].backend_spec]
-    twin_slot = pool.slots[planner.profiles.profiles["base"].backend_spec]
+def test_planner_routes_only_past_the_threshold_and_to_a_twin_with_room(
+    planner: SpeculationPlanner, loads: _Loads
+) -> None:
+    spec_load, twin_load = loads.of("spec/auto"), loads.of("base")
     body = chat("hi", "spec/auto")
-    spec_slot.admission.running, spec_slot.admission.waiting = 1, 1
+    spec_load.running, spec_load.waiting = 1, 1
     plan, request, record = _plan(planner, body)
     assert plan.routed_to is None
-    assert plan.slot is spec_slot
+    assert plan.profile.name == "spec/auto"
     assert request.body["num_draft_tokens"] == 0  # warm-up: plain decoding is measured first
-    spec_slot.admission.waiting = 2
+    spec_load.waiting = 2
     plan, request, record = _plan(planner, body)
     assert plan.routed_to == "base"
-    assert plan.slot is twin_slot
+    assert plan.profile.name == "base"
     assert "num_draft_tokens" not in request.body
     assert request.num_draft_tokens is None
     # The record says where it went, and has no draft figures to read or count.
     assert (record.routed_to, record.draft_model, record.num_draft_tokens) == ("base", None, None)
     # A twin that is full and queued at least as long gains nothing.
-    twin_slot.admission.running, twin_slot.admission.waiting = 4, 2
+    twin_load.running, twin_load.waiting = 4, 2
     assert _plan(planner, body)[0].routed_to is None
     # A twin that is not running is not started because of a queue.
-    twin_slot.admission.running, twin_slot.admission.waiting = 0, 0
-    twin_slot.backend = type("Stopped", (), {"is_running": False})()
+    twin_load.running, twin_load.waiting = 0, 0
+    twin_load.up = False
     assert _plan(planner, body)[0].routed_to is None
     assert planner.routed() == [("spec/auto", "base", 1)]
 
@@ -452,7 +459,7 @@ def _scrape(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> f
     return registry.get_sample_value(name, labels)
 
 
-def test_collector_exports_k_estimates_and_routes(planner: SpeculationPlanner) -> None:
+def test_collector_exports_k_estimates_and_routes(planner: SpeculationPlanner, loads: _Loads) -> None:
     registry = CollectorRegistry()
     registry.register(PlannerCollector(planner))
     estimator = planner.estimator(planner.profiles.profiles["spec/auto"].backend_spec)
@@ -474,8 +481,7 @@ def test_collector_exports_k_estimates_and_routes(planner: SpeculationPlanner) -
     assert _scrape(registry, "specgate_adaptive_plain_step_seconds", {"profile": "spec/3"}) is None
     routes = {"profile": "spec/auto", "twin": "base"}
     assert _scrape(registry, "specgate_routed_requests_total", routes) is None
-    pool: Any = planner.pool
-    pool.slots[planner.profiles.profiles["spec/auto"].backend_spec].admission.waiting = 2
+    loads.of("spec/auto").waiting = 2
     assert _plan(planner, chat("hello", "spec/auto"))[0].routed_to == "base"
     assert _scrape(registry, "specgate_routed_requests_total", routes) == 1
     explained = planner.explain("spec/auto")

@@ -21,7 +21,7 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from app.backends.process import Backend
+from app.backends.connections import BackendEndpoint
 from app.errors import InvalidRequest
 from app.proxy.relay import map_backend_status
 from tests.conftest import TinyPair
@@ -542,10 +542,11 @@ def test_a_backend_400_stays_out_of_the_answer(caplog: pytest.LogCaptureFixture)
     gateway's log, never to the client. Its 404s (template and generation failures) keep their text."""
     fetch_error = b'{"error": "[Errno 104] Connection reset by peer"}'
     with caplog.at_level(logging.WARNING, logger="specgate.requests"):
-        refused = map_backend_status(400, fetch_error, cast(Backend, NamedBackend()))
+        refused = map_backend_status(400, fetch_error, cast(BackendEndpoint, NamedBackend()))
     assert isinstance(refused, InvalidRequest)
     assert "Errno" not in refused.message
     assert "Connection reset by peer" in caplog.text
-    template = map_backend_status(404, b'{"error": "Conversation roles must alternate"}', cast(Backend, NamedBackend()))
+    roles = b'{"error": "Conversation roles must alternate"}'
+    template = map_backend_status(404, roles, cast(BackendEndpoint, NamedBackend()))
     assert isinstance(template, InvalidRequest)
     assert "roles must alternate" in template.message

@@ -1,14 +1,20 @@
 """The layer order of app/ (docs/architecture.md, "Layers"), checked on the imports themselves (parsed with `ast`,
 every import statement, those inside functions too): a module imports only from its own layer or the layers
 below, and no modules import each other in a circle.
+
+And no module reaches into another's internals: a name that starts with `_` is private to its module (never
+imported, never read as `module._name`), and a package's modules are private to it except those it lists in
+PUBLIC_MODULES, the package's interface to the rest of app/.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 APP = Path(__file__).resolve().parent.parent / "app"
+ARCHITECTURE = APP.parent / "docs" / "architecture.md"
 
 # The layers, lowest first; a module belongs to the layer of the longest prefix that names it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -44,6 +50,53 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 # Imports that break the order today, each with its reason; the test fails on any other.
 KNOWN_UPWARD: dict[tuple[str, str], str] = {}
+
+# The modules of each package that modules outside it may import, with what they are for. Every other module
+# of a package is its own business (app/proxy/upstream.py is the relay's, app/adaptive/estimator.py the
+# planner's). Modules directly in app/ are not a package's: the layers alone govern them.
+PUBLIC_MODULES: dict[str, dict[str, str]] = {
+    "app.backends": {
+        "pool": "the backend pool and its slots (gateway wiring, the handler's admission, reload, status)",
+        "process": "Backend, its states and timing (gateway wiring, metrics)",
+        "connections": "BackendEndpoint, all the proxy uses of a backend; Heartbeat and connections (proxy)",
+        "activity": "what the backends are doing now (status page)",
+        "logs": "a backend's log lines (the logs API)",
+    },
+    "app.proxy": {
+        "handler": "CompletionHandler, the one entry of a completion request (edge, gateway)",
+        "plan": "the planner contract: Planner, Plan, Load and what a planner reads (adaptive, gateway)",
+        "record": "RequestRecord, what a finished request did (metrics, status)",
+        "relay": "RelayTimeouts (gateway wiring)",
+        "rewrite": "request kinds and field bounds (completion endpoint, OpenAPI schemas)",
+        "backend_fields": "the fields a backend accepts, for the OpenAPI schemas",
+    },
+    "app.adaptive": {
+        "planner": "SpeculationPlanner, the gateway's Planner",
+        "collector": "the planner's /metrics collector",
+    },
+    "app.launcher": {
+        "prefill": "the field name the gateway sends the launcher (a contract)",
+        "blas_probe": "the BLAS probe (bench batch-variance)",
+        "verify_attention": "the round-cost probe (bench roundcost)",
+    },
+    "app.models": {
+        "sources": "describe and prepare a model source",
+        "store_commands": "the `specgate models` commands (app/cli.py loads it by name)",
+    },
+    "app.bench": {"bench_command": "the `specgate bench` commands (app/cli.py loads it by name)"},
+    "app.integrations": {"opencode": "the `specgate opencode` command (app/cli.py loads it by name)"},
+    "app.testing": {"tiny_model": "tiny generated models (bench's local gateway)"},
+    "app.status": {},
+}
+
+# Narrower than the layers: these modules know the packages named only by the contract modules named.
+# The planner is given what it reads (app/proxy/plan.py), it does not read the proxy or the pool; the relay
+# and the upstream client use a backend only as a BackendEndpoint (app/backends/connections.py).
+CONTRACTS: dict[str, tuple[set[str], set[str]]] = {
+    "app.adaptive": ({"app.proxy", "app.backends"}, {"app.proxy.plan"}),
+    "app.proxy.relay": ({"app.backends"}, {"app.backends.connections"}),
+    "app.proxy.upstream": ({"app.backends"}, {"app.backends.connections"}),
+}
 
 
 def module_names() -> dict[str, Path]:
@@ -176,3 +229,107 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
                         break
                 components.append(component)
     return components
+
+
+def package_of(module: str) -> str:
+    """The innermost package below app/ that holds `module` (a package is its own); "app" for the rest."""
+    parts = module.split(".")
+    for end in range(len(parts), 1, -1):
+        candidate = ".".join(parts[:end])
+        if (APP.parent / candidate.replace(".", "/") / "__init__.py").exists():
+            return candidate
+    return "app"
+
+
+def test_every_package_lists_its_public_modules_and_they_exist() -> None:
+    known = module_names()
+    packages = {package_of(module) for module in known} - {"app"}
+    assert packages == set(PUBLIC_MODULES), "packages without an entry in PUBLIC_MODULES, or entries without one"
+    missing = [f"{p}.{m}" for p, modules in PUBLIC_MODULES.items() for m in modules if f"{p}.{m}" not in known]
+    assert not missing, f"PUBLIC_MODULES names modules that do not exist: {missing}"
+
+
+def test_no_module_imports_another_packages_private_modules() -> None:
+    reaching = []
+    for module, targets in import_graph().items():
+        for target in targets:
+            package = package_of(target)
+            if package == "app" or target == package or package_of(module) == package:
+                continue
+            if target.removeprefix(package + ".") not in PUBLIC_MODULES[package]:
+                reaching.append(f"{module} imports {target}, private to {package}")
+    assert not reaching, "imports of a package's private modules (or list them in PUBLIC_MODULES):\n" + "\n".join(
+        sorted(reaching)
+    )
+
+
+def test_contracts_are_all_these_modules_know_of_those_packages() -> None:
+    beyond = []
+    for module, targets in import_graph().items():
+        for prefix, (packages, allowed) in CONTRACTS.items():
+            if module != prefix and not module.startswith(prefix + "."):
+                continue
+            for target in targets:
+                if package_of(target) in packages and target not in allowed:
+                    beyond.append(
+                        f"{module} imports {target}; it may know {sorted(packages)} only by {sorted(allowed)}"
+                    )
+    assert not beyond, "imports past a contract:\n" + "\n".join(sorted(beyond))
+
+
+def private_names_used(module: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """`_names` that `module` takes from another app module: `from m import _x`, or `m._x` on an imported module."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    used: set[str] = set()
+    aliases: dict[str, str] = {}  # local name -> the app module it is bound to
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in known and alias.asname:
+                    aliases[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            if base not in known or base == module:
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    used.add(f"{base}.{alias.name}")
+                elif f"{base}.{alias.name}" in known:
+                    aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            used.add(f"{aliases[node.value.id]}.{node.attr}")
+    return used
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    known = module_names()
+    private = [
+        f"{module} uses {name}" for module, path in known.items() for name in private_names_used(module, path, known)
+    ]
+    assert not private, "names private to another module (make them public, or keep them home):\n" + "\n".join(
+        sorted(private)
+    )
+
+
+def test_the_module_map_lists_every_module_and_no_other() -> None:
+    """docs/architecture.md's module map: one row per module of app/, none missing, none that is gone."""
+    text = ARCHITECTURE.read_text()
+    section = text.split("\n## Module map\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(app/[^`]+\.py)` \|", section, flags=re.MULTILINE)
+    present = {str(path.relative_to(APP.parent)) for path in APP.rglob("*.py")}
+    assert len(listed) == len(set(listed)), "modules listed twice in the module map"
+    assert not present - set(listed), (
+        f"modules missing from docs/architecture.md's module map: {sorted(present - set(listed))}"
+    )
+    assert not set(listed) - present, f"the module map lists modules that do not exist: {sorted(set(listed) - present)}"

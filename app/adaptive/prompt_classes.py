@@ -7,6 +7,7 @@ acceptance per class. A cheap heuristic on the request body.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 _CODE_WORDS = re.compile(
@@ -18,7 +19,7 @@ _CODE_WORDS = re.compile(
 _CODE_SYMBOLS = re.compile(r"[{}();=<>\[\]]")
 
 
-def _last_user_text(kind: str, body: dict[str, Any]) -> str:
+def _last_user_text(kind: str, body: Mapping[str, Any]) -> str:
     if kind != "chat":
         prompt = body.get("prompt")
         return prompt if isinstance(prompt, str) else ""
@@ -32,7 +33,7 @@ def _last_user_text(kind: str, body: dict[str, Any]) -> str:
     return ""
 
 
-def prompt_class(kind: str, body: dict[str, Any]) -> str:
+def prompt_class(kind: str, body: Mapping[str, Any]) -> str:
     """Class "code" or "chat" from cheap features of the last user turn; "-sampled" above temperature 0.
 
     A heuristic that only splits acceptance statistics: a misfiled prompt costs a slower estimate,

@@ -3,12 +3,16 @@ and the backend's `Heartbeat`, when any of them last brought a byte.
 
 The backend owns its `Preconnected` (app/backends/process.py opens it when the process is ready and closes it
 when it stops); the request's HTTP exchange on a connection is app/proxy/upstream.py's.
+
+`BackendEndpoint` is all the proxy may use of a backend while it talks to it (app/proxy/relay.py types its
+backend with it, so mypy holds the relay to it); app/backends/process.py's `Backend` implements it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 READ_SIZE = 65536
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -97,3 +101,30 @@ class Preconnected:
             spare.cancel()
         elif (connection := self._alive(spare)) is not None:
             connection[1].close()
+
+
+class BackendEndpoint(Protocol):
+    """What the proxy uses of a backend to send it a request and read the answer."""
+
+    @property
+    def name(self) -> str:
+        """For messages and logs."""
+        ...
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Host and port the backend listens on."""
+        ...
+
+    @property
+    def heartbeat(self) -> Heartbeat:
+        """Stamped by every read from this backend; tells a busy backend from a hung one."""
+        ...
+
+    async def connect(self) -> Connection:
+        """A connection for one request (the spare opened ahead when there is one)."""
+        ...
+
+    def note_broken(self, reason: str) -> None:
+        """A request saw the backend fail in a way that needs a restart (hung, generation thread died)."""
+        ...

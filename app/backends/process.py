@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from app.backends.connections import Heartbeat, Preconnected
+from app.backends.connections import Connection, Heartbeat, Preconnected, open_connection
 from app.backends.logs import BackendLog, pump_stream
 from app.blas import plan as blas_plan
 from app.errors import BackendStartFailed, ModelUnavailable
@@ -177,6 +177,21 @@ class Backend:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    # What the proxy uses (app/backends/connections.py's BackendEndpoint): name, address, heartbeat,
+    # connect and note_broken.
+
+    @property
+    def address(self) -> tuple[str, int]:
+        # Port 0 before the first start: a connect there fails like one to a stopped backend.
+        return "127.0.0.1", self.port or 0
+
+    async def connect(self) -> Connection:
+        """A connection for one request: the spare opened ahead while READY, else a fresh one."""
+        spare = self.connections
+        if spare is not None:
+            return await spare.take()
+        return await open_connection(*self.address)
 
     @property
     def pid(self) -> int | None:

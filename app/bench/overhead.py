@@ -34,6 +34,7 @@ from app.bench.arguments import write_output
 from app.bench.client import BenchError
 from app.bench.local import INSTANT, REAL, TINY, LocalGateway, local_gateway
 from app.bench.rawhttp import Timing, post_stream
+from app.bench.report import markdown_table, text_table
 from app.bench.sample_stats import percentile
 
 GOAL_ADDED_P50_C1_MS = 0.5
@@ -457,16 +458,12 @@ def goal_lines(result: OverheadResult) -> list[str]:
 
 
 def text_report(result: OverheadResult) -> str:
-    from app.bench.report import _table
-
-    return _table(overhead_rows(result)) + "\n\n" + "\n".join(goal_lines(result))
+    return text_table(overhead_rows(result)) + "\n\n" + "\n".join(goal_lines(result))
 
 
 def markdown_report(result: OverheadResult) -> str:
-    from app.bench.report import _markdown_table
-
     notes = "\n".join(f"- {line}" for line in goal_lines(result))
-    return _markdown_table(overhead_rows(result)) + "\n\n" + notes + "\n"
+    return markdown_table(overhead_rows(result)) + "\n\n" + notes + "\n"
 
 
 # ----- command line -----------------------------------------------------------------------------------

@@ -230,7 +230,7 @@ class CompletionHandler:
             client_model = body["model"]
             # The planner decides (k, routing to a twin); apply_plan alone writes the decision (app/proxy/plan.py).
             plan = self.planner.plan(profile, body, backend_request)
-            slot = plan.slot
+            slot = self.pool.slot_for(plan.profile)
             record = RequestRecord(
                 request_id=request_id,
                 profile=profile.name,

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from app.backends.process import Backend
+from app.backends.connections import BackendEndpoint
 from app.errors import (
     BackendDied,
     BackendError,
@@ -79,7 +79,7 @@ def _backend_message(raw: bytes) -> str:
     return str(error if error is not None else data)[:500]
 
 
-def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayError:
+def map_backend_status(status: int, raw: bytes, backend: BackendEndpoint) -> GatewayError:
     """mlx_lm.server answers failures with `{"error": "<string>"}` and, before generation, 404."""
     message = _backend_message(raw)
     # Summaries without the backend's text: it can quote the request (GatewayError.summary).
@@ -109,7 +109,7 @@ def dumps(value: Any) -> bytes:
 
 
 async def open_upstream(
-    backend: Backend,
+    backend: BackendEndpoint,
     request: BackendRequest,
     request_id: str,
     timeouts: RelayTimeouts,
@@ -126,7 +126,7 @@ async def open_upstream(
     the request waits on, up to the first-token bound. A non-streamed upstream request (logprobs) gets its
     headers only with the whole answer, so its bound is the first-token timeout.
     """
-    host, _, port = backend.base_url.removeprefix("http://").partition(":")
+    host, port = backend.address
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     heartbeat = backend.heartbeat
     limit = timeouts.head if request.upstream_streams else timeouts.first_token
@@ -138,14 +138,13 @@ async def open_upstream(
 
     try:
         # Reads after the head are bounded per chunk by the relay (first token vs. between tokens).
-        connect = backend.connections.take if backend.connections is not None else None
         response = await upstream_http.post(
             host,
-            int(port),
+            port,
             request.path,
             dumps(request.body),
             headers,
-            connect=connect,
+            connect=backend.connect,
             head_patience=head_patience,
             heartbeat=heartbeat,
         )
