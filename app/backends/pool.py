@@ -1,11 +1,12 @@
 """All backends: one per BackendSpec, started on demand, unloaded when idle, LRU-evicted at the cap.
 
-The cap (`max_running`) bounds memory, so it counts every backend whose process may still hold its model:
-starting, ready, and stopping (`Backend.holds_a_process`), plus those granted room whose start has not
-begun yet. An evicted backend counts until its process has exited; the start that evicted it waits for
-that. Evictions run outside the pool's condition, as tasks of the pool: a start that finds room (or
-evicts a backend of its own) goes ahead while another backend stops, and a requester that leaves does
-not cut a stop short.
+The cap (`max_running`) bounds memory, so it counts every backend whose process may still hold its model
+(starting, ready, and stopping: `Backend.holds_a_process`) and every start granted room that has not
+begun yet. An evicted backend counts until its process has exited, and the start that evicted it holds
+its room from the eviction on but starts only after that exit; so the processes alive never exceed the
+cap, though the count may, while an evicted backend stops. Evictions run outside the pool's condition,
+as tasks of the pool: a start that finds room, or evicts a backend of its own, goes ahead while another
+backend stops, and a requester that leaves does not cut a stop short.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class BackendPool:
         self._http = http
         self.slots: dict[BackendSpec, BackendSlot] = {}
         self._capacity = asyncio.Condition()
-        # Granted room, not yet starting (between `_make_room` and the backend's own start).
+        # Starts granted room (from `_make_room` until their backend's start has ended).
         self._granted: dict[BackendSlot, int] = {}
         # Backends chosen for eviction and their stops, which run as tasks of the pool.
         self._evictions: dict[BackendSlot, asyncio.Task[None]] = {}
@@ -105,30 +106,33 @@ class BackendPool:
         return [s for s in self.slots.values() if s is not wanted and (s.backend.holds_a_process or s in self._granted)]
 
     async def _make_room(self, wanted: BackendSlot) -> None:
-        """Return once `wanted` may start under the cap (room granted to it), evicting the least recently
-        used idle backend when no room will come otherwise. Waits; never stops a backend itself."""
+        """Return once `wanted` may start under the cap, with room granted to it: free room, or the room of
+        the least recently used idle backend, evicted for it. The room of an eviction is the evicting
+        start's from the moment it evicts (others count it taken and evict a backend of their own), but
+        its process starts only once the evicted one has exited."""
         deadline = time.monotonic() + self.timing.start_timeout
         async with self._capacity:
             while True:
                 occupying = self._occupying(wanted)
                 if len(occupying) < self.max_running:
-                    self._granted[wanted] = self._granted.get(wanted, 0) + 1
+                    self._grant(wanted)
                     return
-                # Backends on their way out make room soon: evict more only if they will not make enough.
-                leaving = [s for s in occupying if s in self._evictions or s.backend.state is BackendState.STOPPING]
-                if len(occupying) - len(leaving) >= self.max_running:
-                    idle = [
-                        s
-                        for s in occupying
-                        if s.admission.active == 0 and s.backend.state is BackendState.READY and s not in leaving
-                    ]
-                    if idle:
-                        victim = min(idle, key=lambda s: s.backend.last_used)
-                        logger.info(
-                            "evicting %s (least recently used) to start %s", victim.backend.name, wanted.backend.name
-                        )
-                        self._evictions[victim] = asyncio.create_task(self._evict(victim))
-                        continue
+                idle = [
+                    s
+                    for s in occupying
+                    if s.admission.active == 0
+                    and s.backend.state is BackendState.READY
+                    and s not in self._evictions
+                    and s not in self._granted
+                ]
+                if idle:
+                    victim = min(idle, key=lambda s: s.backend.last_used)
+                    logger.info(
+                        "evicting %s (least recently used) to start %s", victim.backend.name, wanted.backend.name
+                    )
+                    eviction = self._evictions[victim] = asyncio.create_task(self._evict(victim))
+                    self._grant(wanted)
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BackendStartFailed(
@@ -137,6 +141,16 @@ class BackendPool:
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._capacity.wait(), timeout=min(1.0, remaining))
+        # Outside the condition: other starts go ahead meanwhile. A requester that leaves gives its room
+        # back; the stop goes on regardless (shielded, a task of the pool).
+        try:
+            await asyncio.shield(eviction)
+        except BaseException:
+            self._ungrant(wanted)
+            raise
+
+    def _grant(self, slot: BackendSlot) -> None:
+        self._granted[slot] = self._granted.get(slot, 0) + 1
 
     async def _evict(self, victim: BackendSlot) -> None:
         """Stop an evicted backend, outside the condition; then wake the starts waiting for its room."""
