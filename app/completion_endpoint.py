@@ -55,23 +55,26 @@ class CompletionEndpoint:
         if reason is not None:
             await send_refusal(scope, send, reason)
             return
-        try:
-            response = await self.handler.handle(Request(scope, receive), kind)
-        except GatewayError as error:
-            await send_error(send, error)
-            return
-        if isinstance(response, StreamingResponse):
-            await _stream(response, receive, send)
-        else:
-            await response(scope, receive, send)
+        async with contextlib.AsyncExitStack() as request_held:
+            try:
+                # The handler's context holds the request's slot and upstream socket until the response is sent.
+                response = await request_held.enter_async_context(self.handler.handle(Request(scope, receive), kind))
+            except GatewayError as error:
+                await send_error(send, error)
+                return
+            if isinstance(response, StreamingResponse):
+                await _stream(response, receive, send)
+            else:
+                await response(scope, receive, send)
 
 
 async def _stream(response: StreamingResponse, receive: Receive, send: Send) -> None:
     """Send a streaming response chunk by chunk; a client that leaves cancels the stream at once.
 
     One watcher task reads `receive` for the disconnect (the only message left once the body is read);
-    when it comes, the stream task is cancelled, so the handler's generator runs its cleanup (closing
-    the upstream socket is what stops mlx_lm.server) exactly as under starlette's task group.
+    when it comes, the stream task is cancelled, as under starlette's task group. What the request holds
+    (its slot, its upstream socket: closing it is what stops mlx_lm.server) is released by the handler's
+    context around this call, whether or not the body ever started.
     """
     stream_task = asyncio.current_task()
     assert stream_task is not None

@@ -726,3 +726,43 @@ def test_a_backend_start_outlives_the_client_that_began_it(model_dir: Path, tmp_
             assert client.post("/v1/chat/completions", json=chat("hi", "slowstart", max_tokens=2)).status_code == 200
         assert gateway.backend_pid("slowstart") == pid
         assert gateway.log().count("starting on port") == 1
+
+
+# ----- eviction (issue 17 item 3) ---------------------------------------------------------------------------
+
+
+def test_an_eviction_does_not_hold_up_an_unrelated_start(tmp_path: Path) -> None:
+    """A backend that ignores SIGTERM is evicted: it stays `stopping` for the whole stop grace. Meanwhile
+    another start evicts a backend of its own and serves; the start that evicted the slow one waits for its
+    process to exit (the cap bounds the processes alive, and a stopping one still holds its memory)."""
+    profiles = "".join(
+        fake_profile(name, fake_model_dir(tmp_path, f"m-{name}"), *flags)
+        for name, flags in [("stubborn", ["--ignore-sigterm"]), ("quick", []), ("newcomer", []), ("unrelated", [])]
+    )
+    # The grace is the slow stop's length (SIGKILL after it): long enough to see the order; no speed asserted.
+    env = {"SPECGATE_MAX_BACKENDS": "2", "SPECGATE_BACKEND_STOP_GRACE": "20"}
+    with running_gateway(tmp_path / "gw", profiles, env) as gateway, gateway.client() as client:
+        for name in ("stubborn", "quick"):  # "stubborn" is the least recently used
+            assert client.post("/v1/chat/completions", json=chat("hi", name, max_tokens=2)).status_code == 200
+
+        def states() -> dict[str, str]:
+            return {name: str(entry["state"]) for name, entry in gateway.models().items()}
+
+        newcomer, answers = in_thread(
+            lambda: httpx.post(
+                f"{gateway.url}/v1/chat/completions", json=chat("hi", "newcomer", max_tokens=2), timeout=60
+            )
+        )
+        wait_for(lambda: states()["stubborn"] == "stopping", 10, "the eviction of the least recently used backend")
+
+        unrelated = client.post("/v1/chat/completions", json=chat("hi", "unrelated", max_tokens=2))
+        assert unrelated.status_code == 200, unrelated.text
+        # "unrelated" evicted "quick" and served while "stubborn" was still stopping, and "newcomer" still
+        # waits for "stubborn" to exit: never more than two processes.
+        assert states() == {"stubborn": "stopping", "quick": "stopped", "newcomer": "stopped", "unrelated": "ready"}
+        assert not answers
+
+        newcomer.join(60)
+        assert answers
+        assert answers[0].status_code == 200, answers[0].text
+        assert states() == {"stubborn": "stopped", "quick": "stopped", "newcomer": "ready", "unrelated": "ready"}

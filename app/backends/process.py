@@ -1,12 +1,22 @@
 """One supervised backend process.
 
-State (only `Backend`'s own methods, under its lock, change it):
+State: `TRANSITIONS` is the table of every allowed change, and `Backend._become` the one method that
+writes the state; it refuses (and logs) a change the table does not hold.
 
     STOPPED  --ensure_ready-->  STARTING  --loaded + produced a token-->  READY
     STARTING --exited / timed out-->  FAILED   (the reason comes from the backend's own log)
-    READY    --process exited-->      FAILED   (restarted by the next request)
+    STARTING --start abandoned (stop, shutdown)-->  STOPPED
+    READY    --process exited, or marked broken by a request-->  FAILED   (restarted by the next request)
     READY    --stop-->  STOPPING  -->  STOPPED
     FAILED   --ensure_ready, once the crash-loop back-off has passed-->  STARTING
+    FAILED   --stop (a dead process's leftovers)-->  STOPPING  -->  STOPPED, or back to FAILED when the
+             stop is the cleanup before a restart (the back-off and the reason stay until the start)
+
+Who changes it: start and stop, which await, hold the backend's lock from the first change to the last.
+The one change made outside the lock is READY -> FAILED (an exit noticed by the watcher, or a request
+that found the backend broken): it is synchronous, no await between the check and the write, and no
+locked section is ever suspended in READY (each leaves READY by its first step, before it awaits), so it
+cannot interleave with one.
 
 `ensure_ready()`: READY -> return; STOPPED/FAILED -> start (FAILED: 503 while backing off);
 STARTING -> wait for that start; STOPPING -> wait, then start.
@@ -52,6 +62,19 @@ class BackendState(enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+
+
+# Every allowed change of state (the diagram in the module docstring); `Backend._become` refuses the rest.
+TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
+    BackendState.STOPPED: frozenset({BackendState.STARTING}),
+    BackendState.STARTING: frozenset({BackendState.READY, BackendState.FAILED, BackendState.STOPPED}),
+    BackendState.READY: frozenset({BackendState.STOPPING, BackendState.FAILED}),
+    BackendState.STOPPING: frozenset({BackendState.STOPPED, BackendState.FAILED}),
+    BackendState.FAILED: frozenset({BackendState.STARTING, BackendState.STOPPING}),
+}
+
+# States in which the backend's process holds (or may still hold) its memory: what the pool's cap counts.
+HOLDS_A_PROCESS = frozenset({BackendState.STARTING, BackendState.READY, BackendState.STOPPING})
 
 
 @dataclass
@@ -146,7 +169,7 @@ class Backend:
         self.timing = timing
         self._resolve = resolve
         self._http = http
-        self.state = BackendState.STOPPED
+        self._state = BackendState.STOPPED
         self.port: int | None = None
         # The guard (app/backends/guard.py); the backend command is its child, `command_pid`.
         self.process: asyncio.subprocess.Process | None = None
@@ -205,8 +228,29 @@ class Backend:
         return str(summary) if summary is not None else None
 
     @property
+    def state(self) -> BackendState:
+        """Read-only: `_become` is the one writer."""
+        return self._state
+
+    @property
     def is_running(self) -> bool:
-        return self.state in (BackendState.STARTING, BackendState.READY)
+        return self._state in (BackendState.STARTING, BackendState.READY)
+
+    @property
+    def holds_a_process(self) -> bool:
+        """Starting, ready or still stopping: its memory is not free yet (the pool's cap counts it)."""
+        return self._state in HOLDS_A_PROCESS
+
+    def _become(self, new: BackendState) -> bool:
+        """The one write of the state: a change the table allows, or none (refused, logged, False)."""
+        old = self._state
+        if new not in TRANSITIONS[old]:
+            message = f"refused state change {old.value} -> {new.value} (not in the transition table)"
+            self.log.append("gateway", message)
+            logger.error("backend %s: %s", self.name, message)
+            return False
+        self._state = new
+        return True
 
     async def ensure_ready(self) -> None:
         """Return once the backend can take a request; start it if needed.
@@ -321,7 +365,7 @@ class Backend:
         if self.process is not None:
             await self._stop_locked("restarting")
         argv, env = self._command()
-        self.state = BackendState.STARTING
+        self._become(BackendState.STARTING)
         self.started_at = time.monotonic()
         self.load_seconds = None
         self.failure = None
@@ -335,9 +379,9 @@ class Backend:
             raise
         except BaseException:
             await self._kill_and_wait()
-            self.state = BackendState.STOPPED
+            self._become(BackendState.STOPPED)
             raise
-        self.state = BackendState.READY
+        self._become(BackendState.READY)
         self.connections = Preconnected("127.0.0.1", self.port) if self.port is not None else None
         self.heartbeat = Heartbeat()
         self.ready_at = time.monotonic()
@@ -427,7 +471,7 @@ class Backend:
         self._close_connections()
         if self.state is BackendState.READY:
             self._record_crash(reason)
-            self.state = BackendState.FAILED
+            self._become(BackendState.FAILED)
             self.failure = f"{reason}: {self.log.failure_reason()}"
 
     async def _wait_ready(self) -> None:
@@ -485,7 +529,7 @@ class Backend:
     async def _fail_start(self, reason: str) -> None:
         await self._kill_and_wait()
         self._record_crash(reason)
-        self.state = BackendState.FAILED
+        self._become(BackendState.FAILED)
         self.failure = reason
         logger.error("%s", reason)
 
@@ -503,14 +547,15 @@ class Backend:
 
     async def _stop_locked(self, reason: str) -> None:
         if self.process is None:
-            if self.state is not BackendState.FAILED:
-                self.state = BackendState.STOPPED
+            # Nothing to stop. A start that failed before its process ran stays FAILED (its back-off holds).
+            if self.state is BackendState.STARTING:
+                self._become(BackendState.STOPPED)
             return
         was_failed = self.state is BackendState.FAILED
-        self.state = BackendState.STOPPING
+        self._become(BackendState.STOPPING)
         self.log.append("gateway", f"stopping ({reason})")
         await self._kill_and_wait()
-        self.state = BackendState.FAILED if was_failed and reason == "restarting" else BackendState.STOPPED
+        self._become(BackendState.FAILED if was_failed and reason == "restarting" else BackendState.STOPPED)
 
     def _close_connections(self) -> None:
         if self.connections is not None:

@@ -216,7 +216,17 @@ class CompletionHandler:
             raise ModelNotFound(f"model {name!r} does not exist; available: {available}", param="model")
         return profile
 
-    async def handle(self, request: Request, kind: Kind) -> Response:
+    @contextlib.asynccontextmanager
+    async def handle(self, request: Request, kind: Kind) -> AsyncIterator[Response]:
+        """The response to a completion request, as a context that the caller sends the response inside.
+
+        A request refused before admission raises here, on entry. Once admitted, the request's slot (its
+        ticket) and its upstream socket belong to this context: its exit releases them, whether the
+        response's body ran to its end, failed, or never started (a client gone before the body began:
+        the server never iterates a body then, so nothing inside the body could be relied on to release).
+        The normal ends release from the body itself, before the response's last write, so that a client
+        that has read a whole response finds its request in /metrics; the exit then has nothing left to do.
+        """
         request_id = request_id_of(request)
         profile: Profile | None = None
         try:
@@ -245,47 +255,35 @@ class CompletionHandler:
         except Exception as error:
             self._refused(profile, error)
             raise
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                slot.admission.release(ticket)
-                slot.backend.touch()
-
-        rewriter = StreamRewriter(backend_request, record, client_model)
-        if backend_request.client_streams:
-            # Headers now; the wait for a slot, the backend and the first token happen in the stream.
-            phase = Phase()
-            return StreamingResponse(
-                self._stream(
-                    partial(self._start, slot, ticket, backend_request, record, phase), phase, rewriter, slot, release
-                ),
-                media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
+        exchange = Exchange(slot, ticket, StreamRewriter(backend_request, record, client_model))
+        start = partial(self._start, slot, ticket, backend_request, record)
         try:
-            upstream = await race_disconnect(request, self._start(slot, ticket, backend_request, record, Phase()))
+            if backend_request.client_streams:
+                # Headers now; the wait for a slot, the backend and the first token happen in the stream.
+                yield StreamingResponse(
+                    self._stream(exchange, start),
+                    media_type="text/event-stream",
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                )
+            else:
+                yield JSONResponse(await self._answer(request, exchange, start))
         except BaseException as error:
-            _notice_backend_failure(slot, error)
-            release()
-            self._finish(record, error)
+            if exchange.error is None:
+                exchange.error = error
             raise
-        try:
-            read = assemble if backend_request.upstream_streams else read_unstreamed
-            answer = await race_disconnect(request, read(upstream, rewriter, self.timeouts, client_model))
-        except BaseException as error:
-            _notice_backend_failure(slot, error)
-            self._finish(record, error)
-            raise
-        else:
-            slot.backend.mark_served()
-            self._finish(record, None)
         finally:
-            await upstream.aclose()
-            release()
-        return JSONResponse(answer)
+            await self._end(exchange)
+
+    async def _answer(
+        self, request: Request, exchange: Exchange, start: Callable[[Phase], Coroutine[Any, Any, UpstreamResponse]]
+    ) -> dict[str, Any]:
+        """A non-streaming answer: the backend's whole reply, read while the client waits for its status."""
+        rewriter = exchange.rewriter
+        exchange.upstream = await race_disconnect(request, start(Phase()))
+        read = assemble if rewriter.request.upstream_streams else read_unstreamed
+        answer = await race_disconnect(request, read(exchange.upstream, rewriter, self.timeouts, rewriter.client_model))
+        await self._end(exchange, finished=True)
+        return answer
 
     async def _start(
         self, slot: BackendSlot, ticket: Ticket, request: BackendRequest, record: RequestRecord, phase: Phase
@@ -319,56 +317,61 @@ class CompletionHandler:
             return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
 
     async def _stream(
-        self,
-        start: Callable[[], Coroutine[Any, Any, UpstreamResponse]],
-        phase: Phase,
-        rewriter: StreamRewriter,
-        slot: BackendSlot,
-        release: Callable[[], None],
+        self, exchange: Exchange, start: Callable[[Phase], Coroutine[Any, Any, UpstreamResponse]]
     ) -> AsyncIterator[bytes]:
-        record = rewriter.record
-        error: BaseException | None = None
-        upstream: UpstreamResponse | None = None
-        starting = asyncio.ensure_future(start())
+        """The body of a streaming response. It holds nothing of its own: the start it begins and the
+        upstream it opens are the exchange's, which `handle`'s context releases on every way out."""
+        record = exchange.record
+        phase = Phase()
+        starting = exchange.starting = asyncio.ensure_future(start(phase))
         try:
-            try:
-                while upstream is None:  # queued, loading, connecting: a sign of life every keep-alive step
-                    done, _ = await asyncio.wait((starting,), timeout=self.timeouts.keepalive)
-                    if done:
-                        upstream = starting.result()
-                    else:
-                        yield phase.comment()
-            except GatewayError as failed:
-                # The headers are out: the failure is the stream's last event (outcome recorded as before).
-                error = failed
-                _notice_backend_failure(slot, failed)
-                yield sse_error(failed)
-                return
-            except Exception as bug:
-                logger.exception("unexpected error starting request %s", record.request_id)
-                error = bug
-                yield sse_error(internal_error(bug))
-                return
-            async for piece in relay_stream(upstream, rewriter, self.timeouts):
-                yield piece
-        except BaseException as caught:  # the client went away: the stream is cancelled or closed
-            error = caught
-            raise
-        finally:
-            if upstream is None:
-                upstream = await _abandon(starting)
-            # Closing the upstream socket is what stops mlx_lm.server from generating.
+            while exchange.upstream is None:  # queued, loading, connecting: a sign of life every keep-alive step
+                done, _ = await asyncio.wait((starting,), timeout=self.timeouts.keepalive)
+                if done:
+                    exchange.upstream = starting.result()
+                else:
+                    yield phase.comment()
+        except GatewayError as failed:
+            # The headers are out: the failure is the stream's last event (outcome recorded as before).
+            exchange.error = failed
+            yield sse_error(failed)
+            await self._end(exchange)
+            return
+        except Exception as bug:
+            logger.exception("unexpected error starting request %s", record.request_id)
+            exchange.error = bug
+            yield sse_error(internal_error(bug))
+            await self._end(exchange)
+            return
+        async for piece in relay_stream(exchange.upstream, exchange.rewriter, self.timeouts):
+            yield piece
+        await self._end(exchange, finished=True)
+
+    async def _end(self, exchange: Exchange, finished: bool = False) -> None:
+        """Release what the request holds, once: its start, its upstream socket (closing it is what stops
+        mlx_lm.server from generating), then its slot; then record how it ended. `finished`: the response
+        was produced to its end; an end without it or an error is a client that left."""
+        if exchange.ended:
+            return
+        exchange.ended = True
+        record = exchange.record
+        error = exchange.error
+        if error is None and not finished:
+            error = ClientGone("the client left before the response ended")
+        try:
+            upstream = exchange.upstream
+            if upstream is None and exchange.starting is not None:
+                upstream = await _abandon(exchange.starting)
             if upstream is not None:
                 await upstream.aclose()
-            if record.outcome == "backend_error":
-                _notice_backend_failure(slot, rewriter.failure)
-            release()
-            if error is not None:
-                self._finish(record, error)
-            else:
-                if record.outcome == "success":
-                    slot.backend.mark_served()
-                self._finish(record, None)
+        finally:
+            # Asked before the slot is handed on, so the next request restarts a dead backend (issue 19 item 10).
+            _notice_backend_failure(exchange.slot, error if error is not None else exchange.rewriter.failure)
+            exchange.slot.admission.release(exchange.ticket)
+            exchange.slot.backend.touch()
+            if error is None and record.outcome in ("success", "unknown"):
+                exchange.slot.backend.mark_served()
+            self._finish(record, error)
 
     def _refused(self, profile: Profile | None, error: Exception) -> None:
         """Refused before it was queued: no record, but /metrics still counts it by outcome."""
@@ -399,6 +402,24 @@ class CompletionHandler:
             except Exception:
                 logger.exception("request observer failed")
         record.drop_token_gaps()
+
+
+@dataclass
+class Exchange:
+    """What one admitted request holds, released once by `CompletionHandler._end`: its slot (the ticket),
+    the start under way (queue, backend start, connect), the upstream response (its socket)."""
+
+    slot: BackendSlot
+    ticket: Ticket
+    rewriter: StreamRewriter
+    starting: asyncio.Future[UpstreamResponse] | None = None
+    upstream: UpstreamResponse | None = None
+    error: BaseException | None = None
+    ended: bool = False
+
+    @property
+    def record(self) -> RequestRecord:
+        return self.rewriter.record
 
 
 async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamResponse | None:
