@@ -9,13 +9,13 @@ which key or prefix matched. Keys are never logged; a refusal logs only the path
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import error_body
+from app.error_response import send_error
+from app.errors import InvalidRequest
 from app.settings import Settings
 
 logger = logging.getLogger("specgate.auth")
@@ -23,6 +23,14 @@ logger = logging.getLogger("specgate.auth")
 
 class KeyFileError(Exception):
     pass
+
+
+class Unauthorized(InvalidRequest):
+    status_code = 401
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="specgate"'}
 
 
 def load_keys(settings: Settings) -> list[bytes]:
@@ -110,20 +118,7 @@ class ApiKeyMiddleware:
         return None
 
 
-async def send_refusal(scope: Scope, send: Send, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    """The 401 answer, in the OpenAI error shape."""
+async def send_refusal(scope: Scope, send: Send, reason: str) -> None:
+    """The 401 answer (app/error_response.py renders it)."""
     logger.warning("refused %s %s: %s", scope.get("method"), scope["path"], reason)
-    body = json.dumps(error_body(reason, "invalid_request_error", None, "invalid_api_key")).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="specgate"'),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, Unauthorized(reason))

@@ -15,7 +15,7 @@ from app.profiles import ProfileError, ProfileSet, load_profiles
 from app.settings import Settings
 
 # Modules that add command groups: each exposes `register(subparsers) -> None`.
-COMMAND_MODULES: list[str] = ["app.models.cli", "app.bench.cli", "app.integrations.opencode"]
+COMMAND_MODULES: list[str] = ["app.models.store_commands", "app.bench.bench_command", "app.integrations.opencode"]
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry
 
-from app.adaptive import SpeculationPlanner
+from app.adaptive.collector import PlannerCollector
+from app.adaptive.planner import SpeculationPlanner
 from app.backends.pool import BackendPool
 from app.backends.process import BackendState, BackendTiming
 from app.models.sources import SourceStatus, describe_source
 from app.profiles import ProfileSet
 from app.proxy.handler import CompletionHandler
+from app.proxy.plan import pool_load
 from app.proxy.relay import RelayTimeouts
 from app.settings import Settings
 
@@ -42,28 +45,28 @@ class Gateway:
             prompt_cache_min_tokens=settings.prompt_cache_min_tokens,
         )
         self.pool = BackendPool(timing, settings.max_backends, self.resolve, self.http)
+        # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
+        self.planner = SpeculationPlanner(partial(pool_load, self.pool), profiles)
         self.handler = CompletionHandler(
             self.pool,
-            self.http,
+            self.planner,
             RelayTimeouts(
                 first_token=settings.first_token_timeout,
                 inactivity=settings.inactivity_timeout,
                 keepalive=settings.keepalive_seconds,
+                head=settings.head_timeout,
             ),
             settings.max_body_bytes,
         )
         # Model value -> its local directory, once resolved present (see model_dir).
         self._model_dirs: dict[str, str] = {}
-        # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
-        self.planner = SpeculationPlanner(self.pool, profiles)
-        self.handler.planner = self.planner
         self.handler.model_dir = self.model_dir
         self.handler.observers.append(self.planner.observe)
         self.apply_profiles(profiles)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Add the collectors that live outside app/metrics.py to the registry behind /metrics."""
-        registry.register(self.planner)
+        registry.register(PlannerCollector(self.planner))
 
     def resolve(self, value: str) -> SourceStatus:
         return describe_source(value, self.settings.model_store)

@@ -1,8 +1,12 @@
-"""Gateway logging: plain text or one JSON object per line, with the request id of the request being served.
+r"""Gateway logging: plain text or one JSON object per line, with the request id of the request being served.
 
-The request id is decided once, at the edge (`RequestIdMiddleware`): the client's `X-Request-Id` when it is
-sane, else a fresh one written back into the request's headers, so that the completion handler (which reads
-the header), the backend (which receives it) and every log record made while serving the request agree.
+The request id is decided once, at the edge (app/edge.py), which sets `current_request_id` for the code
+of the request; every log record made meanwhile carries it.
+
+Log lines hold what clients sent (a refused path, a backend's echo of a request), so both formats escape
+control characters in every message (`\n` -> `\x0a`, ESC -> `\x1b`, ...): a client cannot forge a log
+line or send escape sequences to the terminal that shows the log (issue 19 item 9). Tracebacks keep
+their line breaks and lose every other control character.
 
     SPECGATE_LOG_FORMAT=json specgate serve
     {"time": "2026-11-01T12:00:00.123Z", "level": "INFO", "logger": "specgate.requests",
@@ -15,12 +19,8 @@ import contextvars
 import datetime
 import json
 import logging
+import re
 from typing import Any
-
-from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.proxy.handler import request_id_for
 
 # The id of the request whose code is running now; None outside a request (start-up, reaper, backend pumps).
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("specgate_request_id", default=None)
@@ -35,6 +35,27 @@ _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, 
     "asctime",
     "color_message",
 }
+
+
+# C0 and C1 controls, DEL, the Unicode line and paragraph separators, and the bidirectional overrides
+# and isolates (they reorder what a terminal shows: "Trojan Source", CVE-2021-42574).
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROLS_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """`text` on one line with every control character written as an escape."""
+    return _CONTROLS.sub(_escape, text)
+
+
+def printable_lines(text: str) -> str:
+    """Like `printable`, but line breaks stay (tracebacks)."""
+    return _CONTROLS_BUT_NEWLINE.sub(_escape, text)
 
 
 class RequestIdFilter(logging.Filter):
@@ -60,18 +81,36 @@ class JsonFormatter(logging.Formatter):
             .replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": printable(record.getMessage()),
             "request_id": getattr(record, "request_id", None),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRIBUTES and key not in entry and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = printable_lines(self.formatException(record.exc_info))
         if record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
+            entry["stack"] = printable_lines(self.formatStack(record.stack_info))
         # default=str: an extra that is not JSON (a Path, an enum) must not lose the whole line.
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """`TEXT_FORMAT`, with the message escaped (`printable`) and tracebacks kept to their own lines."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # format() has just set `record.message` from getMessage(), as every formatter's format() does.
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return printable_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return printable_lines(super().formatStack(stack_info))
 
 
 def configure_logging(level: str, log_format: str) -> None:
@@ -81,46 +120,9 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-
-
-def tag_request(scope: Scope) -> tuple[Scope, str]:
-    """The request's id (the client's sane X-Request-Id, else a new one) and a copy of `scope` whose only
-    X-Request-Id header is that id, so that the handler and the backend read the same one."""
-    request_id = request_id_for(Request(scope))
-    headers = [(name, value) for name, value in scope["headers"] if name != b"x-request-id"]
-    return {**scope, "headers": [*headers, (b"x-request-id", request_id.encode("ascii"))]}, request_id
-
-
-class RequestIdMiddleware:
-    """Pure ASGI (not BaseHTTPMiddleware) so the context variable also covers a streaming body's generator."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        scope, request_id = tag_request(scope)
-        raw = request_id.encode("ascii")
-
-        async def send_with_id(message: Message) -> None:
-            # Every answer names its id, errors included, so a client can quote it in a report.
-            if message["type"] == "http.response.start":
-                response_headers = list(message.get("headers", []))
-                if not any(name.lower() == b"x-request-id" for name, _ in response_headers):
-                    response_headers.append((b"x-request-id", raw))
-                message = {**message, "headers": response_headers}
-            await send(message)
-
-        token = current_request_id.set(request_id)
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            current_request_id.reset(token)

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from app.backends.process import BackendState
+from app.errors import Outcome
 from app.profiles import Profile
 from app.proxy.record import RequestRecord
 
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
 LABELS = ("profile", "model", "draft_model")
 Labels = tuple[str, str, str]
 NO_PROFILE: Labels = ("", "", "")
-# Outcomes the handler sets (app/proxy/handler.py); anything else is counted as "other".
-OUTCOMES = ("success", "client_error", "rejected", "backend_error", "client_gone", "internal_error")
 FINISH_REASONS = ("stop", "length", "tool_calls")
 
 # Buckets span a CPU decoding a 1.5B model (~1 tok/s, prompts taking minutes) and a GPU at 200 tok/s
@@ -113,12 +112,12 @@ class RequestMetrics:
                 for family in (self.drafts, self.draft_tokens, self.accepted):
                     family.labels(*labels)
 
-    def refused(self, labels: Labels, outcome: str) -> None:
+    def refused(self, labels: Labels, outcome: Outcome) -> None:
         """A request refused before it was queued (bad body, unknown model, queue full)."""
-        self.requests.labels(*labels, _outcome(outcome)).inc()
+        self.requests.labels(*labels, outcome).inc()
 
     def observe(self, labels: Labels, record: RequestRecord) -> None:
-        self.requests.labels(*labels, _outcome(record.outcome)).inc()
+        self.requests.labels(*labels, record.outcome).inc()
         self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
         self.cached_tokens.labels(*labels).inc(record.cached_tokens)
         self.disk_cached_tokens.labels(*labels).inc(record.disk_cached_tokens)
@@ -153,10 +152,6 @@ class RequestMetrics:
             itl.observe(gap)
         if record.decode_tokens_per_second is not None:
             self.decode_rate.labels(*labels).observe(record.decode_tokens_per_second)
-
-
-def _outcome(value: str) -> str:
-    return value if value in OUTCOMES else "other"
 
 
 class PoolCollector:
@@ -249,7 +244,7 @@ class GatewayMetrics:
     def on_finish(self, record: RequestRecord) -> None:
         self.requests.observe(self.labels_for(record.profile, record), record)
 
-    def on_refusal(self, profile: Profile | None, outcome: str) -> None:
+    def on_refusal(self, profile: Profile | None, outcome: Outcome) -> None:
         self.requests.refused(profile_labels(profile) if profile is not None else NO_PROFILE, outcome)
 
     def render(self, accept: str) -> tuple[bytes, str]:

@@ -16,7 +16,9 @@ differ in `num_draft_tokens`, sampling, prompts and limits, which the gateway ap
 
 from __future__ import annotations
 
+import stat
 import tomllib
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.blas import validate_value as validate_blas
 
 Dtype = Literal["float32", "float16", "bfloat16"]
-# "auto": the gateway picks k per request from what it measures (app/adaptive.py), 0 included.
+# "auto": the gateway picks k per request from what it measures (app/adaptive/), 0 included.
 DraftLength = Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
 # The `draft_model` value that means "draft by prompt lookup": not a model to resolve or load.
 PROMPT_LOOKUP = "prompt-lookup"
@@ -37,8 +39,20 @@ class ProfileError(Exception):
     """A profile file that cannot be used; the message names the file, the profile and the field."""
 
 
+def _no_nul(value: Any) -> Any:
+    """Paths, programs, arguments and environment reach the OS, which cannot take a NUL in them."""
+    items = value if isinstance(value, tuple | list) else (value,)
+    for item in items:
+        if isinstance(item, tuple | list):
+            _no_nul(item)
+        elif isinstance(item, str) and "\x00" in item:
+            raise ValueError("must not contain a NUL character")
+    return value
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # TOML has inf and nan; no field of a profile means either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Sampling(_Strict):
@@ -58,7 +72,7 @@ class BackendOptions(_Strict):
     """How the backend process is run. Equal options (with equal models) mean a shared process."""
 
     # Program to run instead of specgate's launcher (it receives the same flags; see docs).
-    command: tuple[str, ...] | None = None
+    command: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     # Backends run with HF_HUB_OFFLINE=1 unless this is set: a request must never trigger a download.
@@ -80,8 +94,16 @@ class BackendOptions(_Strict):
     @classmethod
     def _env_from_table(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(item, Mapping | list):
+                    raise ValueError(f"the value of {key!r} must be a string, number or boolean")
             return tuple(sorted((str(k), str(v)) for k, v in value.items()))
         return value
+
+    @field_validator("command", "args", "env")
+    @classmethod
+    def _reaches_the_os(cls, value: Any) -> Any:
+        return _no_nul(value)
 
 
 class PromptLookup(_Strict):
@@ -133,6 +155,11 @@ class Profile(_Strict):
     prompt_lookup: PromptLookup | None = None
     source_file: str = ""
 
+    @field_validator("model", "draft_model", "system_prompt_file")
+    @classmethod
+    def _reaches_the_os(cls, value: str | None) -> str | None:
+        return _no_nul(value)  # type: ignore[no-any-return]
+
     @model_validator(mode="after")
     def _one_prompt_source(self) -> Profile:
         if self.system_prompt is not None and self.system_prompt_file is not None:
@@ -173,10 +200,6 @@ class Profile(_Strict):
     def backend_spec(self) -> BackendSpec:
         return BackendSpec(self.model, self.draft_model, self.dtype, self.backend, self.lookup_settings)
 
-    @property
-    def output_limit(self) -> int | None:
-        return self.max_output_tokens
-
 
 @dataclass(frozen=True)
 class BackendSpec:
@@ -193,13 +216,6 @@ class BackendSpec:
     def draft_path(self) -> str | None:
         """The draft model to resolve and load, if any."""
         return None if self.draft_model == PROMPT_LOOKUP else self.draft_model
-
-    def describe(self) -> str:
-        if self.prompt_lookup is not None:
-            lookup = self.prompt_lookup
-            return f"{self.model} + prompt lookup (n-grams {lookup.min_ngram}..{lookup.max_ngram})"
-        draft = f" + draft {self.draft_model}" if self.draft_model else ""
-        return f"{self.model}{draft}"
 
 
 class ProfileSet:
@@ -254,6 +270,12 @@ class ProfileSet:
         return len(self.profiles)
 
 
+# A profile file or prompt file larger than this is a mistake (a model file renamed?), not read.
+MAX_FILE_BYTES = 1024 * 1024
+# Fields that the loader sets itself: a file that sets them would clash with it.
+_LOADER_FIELDS = ("name", "source_file")
+
+
 def _format_validation_error(source: str, name: str, error: ValidationError) -> str:
     problems = []
     for item in error.errors():
@@ -262,18 +284,67 @@ def _format_validation_error(source: str, name: str, error: ValidationError) -> 
     return f"{source}: profile {name!r}: " + "; ".join(problems)
 
 
-def _read_prompt_file(source: str, name: str, prompts_dir: Path, relative: str) -> str:
-    path = (prompts_dir / relative).resolve()
-    if not path.is_relative_to(prompts_dir.resolve()):
-        raise ProfileError(
-            f"{source}: profile {name!r}: field 'system_prompt_file': {relative!r} is outside {prompts_dir}"
-        )
+def read_text_file(path: Path, what: str) -> str:
+    """A regular file's text as UTF-8, or a ProfileError that names the file and says what is wrong.
+
+    Checked before opening: a directory named `x.toml` cannot be read, and opening a FIFO would block
+    the reload (and start-up) for good."""
     try:
-        return path.read_text(encoding="utf-8")
+        info = path.stat()
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the name
+        raise ProfileError(f"{path}: cannot read the {what}: {getattr(error, 'strerror', None) or error}") from error
+    if not stat.S_ISREG(info.st_mode):
+        raise ProfileError(f"{path}: the {what} is not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ProfileError(f"{path}: the {what} is {info.st_size} bytes, over the limit of {MAX_FILE_BYTES}")
+    try:
+        data = path.read_bytes()
     except OSError as error:
+        raise ProfileError(f"{path}: cannot read the {what}: {error.strerror}") from error
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ProfileError(f"{path}: the {what} is not UTF-8 text (byte {error.start})") from error
+
+
+def _read_prompt_file(source: str, name: str, prompts_dir: Path, relative: str) -> str:
+    where = f"{source}: profile {name!r}: field 'system_prompt_file'"
+    try:
+        path = (prompts_dir / relative).resolve()
+    except (OSError, ValueError) as error:  # a NUL in the name, a symlink loop
+        raise ProfileError(f"{where}: {relative!r}: {error}") from error
+    if not path.is_relative_to(prompts_dir.resolve()):
+        raise ProfileError(f"{where}: {relative!r} is outside {prompts_dir}")
+    try:
+        return read_text_file(path, "prompt file")
+    except ProfileError as error:
+        raise ProfileError(f"{where}: {error}") from error
+
+
+def _is_one_word(text: str) -> bool:
+    """Non-empty, without spaces, line breaks or other control and format characters."""
+    return bool(text) and not any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
+def _check_names(source: str, name: str, fields: dict[str, Any]) -> None:
+    """Names are what clients send as `model` and what logs and metrics labels show: printable, one word."""
+    if not _is_one_word(name):
         raise ProfileError(
-            f"{source}: profile {name!r}: field 'system_prompt_file': cannot read {path}: {error.strerror}"
-        ) from error
+            f"{source}: profile {name!r}: a profile name must be non-empty, without spaces or control characters"
+        )
+    for field in _LOADER_FIELDS:
+        if field in fields:
+            raise ProfileError(
+                f"{source}: profile {name!r}: field {field!r}: not a profile field "
+                "(a profile's name is its table's key, [profiles.\"NAME\"])"
+            )
+    aliases = fields.get("aliases")
+    for alias in aliases if isinstance(aliases, list) else ():
+        if isinstance(alias, str) and not _is_one_word(alias):
+            raise ProfileError(
+                f"{source}: profile {name!r}: field 'aliases': {alias!r} must be non-empty, "
+                "without spaces or control characters"
+            )
 
 
 def parse_profiles(text: str, source: str = "<string>", prompts_dir: Path | None = None) -> list[Profile]:
@@ -282,6 +353,8 @@ def parse_profiles(text: str, source: str = "<string>", prompts_dir: Path | None
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ProfileError(f"{source}: invalid TOML: {error}") from error
+    except RecursionError as error:
+        raise ProfileError(f"{source}: invalid TOML: nested too deeply") from error
     unknown = set(document) - {"profiles"}
     if unknown:
         raise ProfileError(
@@ -294,12 +367,13 @@ def parse_profiles(text: str, source: str = "<string>", prompts_dir: Path | None
     for name, fields in table.items():
         if not isinstance(fields, dict):
             raise ProfileError(f"{source}: profile {name!r}: must be a table of fields")
-        if not name.strip() or any(ch.isspace() for ch in name):
-            raise ProfileError(f"{source}: profile {name!r}: a profile name must be non-empty without spaces")
+        _check_names(source, name, fields)
         try:
             profile = Profile(name=name, source_file=source, **fields)
         except ValidationError as error:
             raise ProfileError(_format_validation_error(source, name, error)) from error
+        except Exception as error:  # a validator that raised something other than ValueError
+            raise ProfileError(f"{source}: profile {name!r}: {type(error).__name__}: {error}") from error
         if profile.system_prompt_file is not None:
             base = prompts_dir if prompts_dir is not None else Path.cwd()
             prompt = _read_prompt_file(source, name, base, profile.system_prompt_file)
@@ -309,10 +383,17 @@ def parse_profiles(text: str, source: str = "<string>", prompts_dir: Path | None
 
 
 def load_profiles(directory: Path) -> ProfileSet:
-    """Load every `*.toml` in `directory` (sorted by name); prompt files live in `directory/prompts`."""
+    """Load every `*.toml` in `directory` (sorted by name); prompt files live in `directory/prompts`.
+
+    Any problem, in any file, is a ProfileError that names the file (and the profile and field where
+    there is one): at start it stops `specgate serve`, on reload the running profiles stay."""
     if not directory.is_dir():
         raise ProfileError(f"{directory}: profiles directory does not exist (set --profiles-dir)")
+    try:
+        paths = sorted(directory.glob("*.toml"))
+    except OSError as error:
+        raise ProfileError(f"{directory}: cannot list the profiles directory: {error.strerror}") from error
     profiles: list[Profile] = []
-    for path in sorted(directory.glob("*.toml")):
-        profiles.extend(parse_profiles(path.read_text(encoding="utf-8"), str(path), directory / "prompts"))
+    for path in paths:
+        profiles.extend(parse_profiles(read_text_file(path, "profile file"), str(path), directory / "prompts"))
     return ProfileSet(profiles)

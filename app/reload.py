@@ -3,7 +3,8 @@
 A new file is validated in full before anything changes: an invalid one is rejected with its error
 logged and the running profiles stay. Otherwise new profiles appear at once; backends no profile
 uses any more take no new requests (their profiles are gone), finish what they have admitted
-(running and queued), and only then stop.
+(running and queued), and only then stop. Nothing a file holds stops the watcher: a failed reload, even
+one that raises something unforeseen, is logged, and the next change is read as usual.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ class ProfileReloader:
         # Other things SIGHUP re-reads (the API key file).
         self.on_sighup_also: list[Callable[[], None]] = []
 
-    def _files_signature(self) -> tuple[tuple[str, int, int], ...]:
-        """Names, sizes and mtimes of every file under the directory (profiles and prompt files)."""
+    def _files_signature(self) -> tuple[tuple[str, int, int, int], ...]:
+        """Names, types, sizes and mtimes of everything under the directory (profiles and prompt files; a
+        directory or FIFO named `x.toml` too, so that the reload says what is wrong with it)."""
         entries = []
         with contextlib.suppress(OSError):
             for path in sorted(self.directory.rglob("*")):
                 with contextlib.suppress(OSError):
-                    if path.is_file():
-                        stat = path.stat()
-                        entries.append((str(path), stat.st_size, stat.st_mtime_ns))
+                    stat = path.lstat()
+                    entries.append((str(path), stat.st_mode, stat.st_size, stat.st_mtime_ns))
         return tuple(entries)
 
     async def reload(self, reason: str) -> bool:
@@ -57,6 +58,11 @@ class ProfileReloader:
                     reason,
                     len(self.gateway.profiles),
                     error,
+                )
+                return False
+            except Exception:  # a bug: said as such, and the next change is read as usual
+                logger.exception(
+                    "profile reload (%s) failed, keeping the %d current profiles", reason, len(self.gateway.profiles)
                 )
                 return False
             before = set(self.gateway.profiles.names())
@@ -99,7 +105,7 @@ class ProfileReloader:
                 also()
             except Exception:
                 logger.exception("reload on SIGHUP failed")
-        self._spawn(self.reload("SIGHUP"))
+        self._spawn(self._reload_logged("SIGHUP"))
 
     def install(self, watch: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -110,11 +116,18 @@ class ProfileReloader:
             self._spawn(self._watch())
 
     async def _watch(self) -> None:
+        # The watcher outlives any one failed reload: it used to die on one, and reloads stopped for good.
         while True:
             await asyncio.sleep(self.poll_seconds)
             signature = await asyncio.to_thread(self._files_signature)
             if signature != self._signature:
-                await self.reload("profile files changed")
+                await self._reload_logged("profile files changed")
+
+    async def _reload_logged(self, reason: str) -> None:
+        try:
+            await self.reload(reason)
+        except Exception:  # applying the profiles failed (a bug): the gateway keeps serving
+            logger.exception("profile reload (%s) failed", reason)
 
     async def close(self) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,7 +12,6 @@ from app.gateway import Gateway
 from app.openapi_schemas import CHAT_COMPLETION, TEXT_COMPLETION
 
 router = APIRouter()
-_STARTED = int(time.time())
 
 
 def _gateway(request: Request) -> Gateway:
@@ -21,14 +19,16 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
+# The completion endpoints, for the OpenAPI description (`/openapi.json`, `/docs`) only: their requests are
+# served by app/completion_endpoint.py, in front of this app, and never reach these routes.
 @router.post("/v1/chat/completions", openapi_extra=CHAT_COMPLETION)
-async def chat_completions(request: Request) -> Response:
-    return await _gateway(request).handler.handle(request, "chat")
+async def chat_completions() -> Response:
+    raise RuntimeError("served by app/completion_endpoint.py; this route only documents it")
 
 
 @router.post("/v1/completions", openapi_extra=TEXT_COMPLETION)
-async def completions(request: Request) -> Response:
-    return await _gateway(request).handler.handle(request, "completion")
+async def completions() -> Response:
+    raise RuntimeError("served by app/completion_endpoint.py; this route only documents it")
 
 
 @router.get("/v1/models")

@@ -8,6 +8,7 @@ the order visible, lets a client that left be removed from the queue, and bounds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -80,11 +81,14 @@ class Admission:
         try:
             await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                # The slot was handed over just as we were cancelled: pass it on.
-                self._hand_over()
+            if ticket._slot:
+                # The slot was handed over just as we were cancelled (the result was set, then the task was
+                # cancelled before it resumed): pass it on, and forget it, so `release` cannot pass it twice.
+                self._give_back(ticket)
             else:
-                self._waiters.remove(entry)
+                # A release may already have popped (and skipped) our cancelled entry.
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
             raise
 
     def _take(self, ticket: Ticket) -> None:
@@ -93,24 +97,25 @@ class Admission:
         ticket.started_at = time.monotonic()
 
     def release(self, ticket: Ticket) -> None:
-        """Give back the slot (if held) and the profile's count. Safe to call once per ticket."""
+        """Give back the slot (if held) and the profile's count. Call once per admitted ticket."""
         count = self._per_profile.get(ticket.profile, 0)
         if count <= 1:
             self._per_profile.pop(ticket.profile, None)
         else:
             self._per_profile[ticket.profile] = count - 1
         if ticket._slot:
-            ticket._slot = False
             if ticket.started_at is not None:
                 held = time.monotonic() - ticket.started_at
                 self._mean_service = 0.8 * self._mean_service + 0.2 * held
-            self._hand_over()
+            self._give_back(ticket)
 
-    def _hand_over(self) -> None:
+    def _give_back(self, ticket: Ticket) -> None:
+        """The one place a slot is returned: `ticket._slot` goes False with the count, so it happens once."""
+        ticket._slot = False
         self.running -= 1
         while self._waiters:
-            ticket, future = self._waiters.popleft()
+            waiter, future = self._waiters.popleft()
             if not future.cancelled():
-                self._take(ticket)
+                self._take(waiter)
                 future.set_result(None)
                 return

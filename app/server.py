@@ -7,21 +7,22 @@ import errno
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp
+from starlette.responses import Response
 
 from app.auth import ApiKeyMiddleware, load_keys, protected_prefixes, reload_keys
-from app.errors import GatewayError, error_body
-from app.fastpath import CompletionFastPath
+from app.browser_guard import BrowserGuard, HostPolicy
+from app.completion_endpoint import CompletionEndpoint
+from app.edge import Edge
+from app.error_response import as_gateway_error, error_response
+from app.errors import GatewayError
 from app.gateway import Gateway
-from app.logging_setup import RequestIdMiddleware
+from app.http_limits import limited_protocol
 from app.logs_api import router as logs_router
 from app.metrics import install_metrics
 from app.metrics import router as metrics_router
@@ -35,18 +36,9 @@ from app.status import router as status_router
 logger = logging.getLogger("specgate")
 
 
-class SpecgateApp(FastAPI):
-    """FastAPI with an optional plain-ASGI layer in front of its whole middleware stack (app/fastpath.py)."""
-
-    front: Callable[[ASGIApp], ASGIApp] | None = None
-
-    def build_middleware_stack(self) -> ASGIApp:
-        stack = super().build_middleware_stack()
-        return stack if self.front is None else self.front(stack)
-
-
-def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
-    """Build the app; nothing starts until the ASGI lifespan does."""
+def create_app(settings: Settings, profiles: ProfileSet) -> Edge:
+    """Build the app: edge (app/edge.py) -> completion endpoint (app/completion_endpoint.py) -> FastAPI.
+    Nothing starts until the ASGI lifespan does."""
     gateway = Gateway(settings, profiles)
     # Read the key file now: a missing or empty one stops start-up rather than leaving the gateway open.
     keys = load_keys(settings)
@@ -64,60 +56,36 @@ def create_app(settings: Settings, profiles: ProfileSet) -> FastAPI:
             await reloader.close()
             await gateway.close()
 
-    app = SpecgateApp(title="specgate", version="0.1.0", lifespan=lifespan)
-    app.state.gateway = gateway
-    app.include_router(router)
-    app.include_router(logs_router)
-    install_metrics(app, gateway)
-    app.include_router(metrics_router)
-    install_status(app, gateway)
-    app.include_router(status_router)
-    _install_error_handlers(app)
-    app.add_middleware(ApiKeyMiddleware, keys=keys, prefixes=protected_prefixes(settings))
+    api = FastAPI(title="specgate", version="0.1.0", lifespan=lifespan)
+    api.state.gateway = gateway
+    api.include_router(router)
+    api.include_router(logs_router)
+    install_metrics(api, gateway)
+    api.include_router(metrics_router)
+    install_status(api, gateway)
+    api.include_router(status_router)
+    _install_error_handlers(api)
+    prefixes = protected_prefixes(settings)
+    api.add_middleware(ApiKeyMiddleware, keys=keys, prefixes=prefixes)
+    # The completion endpoints' one entry, in front of FastAPI's stack (fewer layers per token), with the
+    # same key check (the same live key list, which SIGHUP rotates in place).
+    completions = CompletionEndpoint(api, gateway.handler, ApiKeyMiddleware(api, keys=keys, prefixes=prefixes))
+    # Outermost, around FastAPI's own error middleware: the request id is set before any other code (and
+    # any log line) of the request runs, and every answer carries it, a 500 included; CORS there covers
+    # every route alike.
+    hosts = HostPolicy(settings.host, settings.allowed_hosts.replace(",", " ").split())
     origins = [origin for origin in settings.cors_origins.replace(",", " ").split() if origin]
-    if origins:
-        # Outside the key check: a browser's preflight carries no Authorization header.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-request-id"],
-            expose_headers=["x-request-id", "retry-after"],
-        )
-    # Outermost: the request id must be set before any other code (and any log line) of the request runs.
-    app.add_middleware(RequestIdMiddleware)
-    if not origins:
-        # The completion endpoints skip the stack above (same id, key check and errors, fewer layers per
-        # token); with CORS on they keep it, since starlette's middleware adds the CORS headers.
-        prefixes = protected_prefixes(settings)
-        app.front = lambda stack: CompletionFastPath(
-            stack, gateway.handler, ApiKeyMiddleware(stack, keys=keys, prefixes=prefixes)
-        )
-    return app
+    return Edge(completions, BrowserGuard(hosts), origins)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def gateway_error(request: Request, error: Exception) -> JSONResponse:
-        assert isinstance(error, GatewayError)
-        return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers())
+    async def render(request: Request, error: Exception) -> Response:
+        # A bug (Exception) is rendered here, then starlette re-raises it to the edge, which logs it once
+        # with the request id.
+        return error_response(as_gateway_error(error, request.method, request.url.path))
 
-    async def http_error(request: Request, error: Exception) -> JSONResponse:
-        assert isinstance(error, StarletteHTTPException)
-        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        message = f"{request.method} {request.url.path}: {error.detail}"
-        return JSONResponse(error_body(message, kind), status_code=error.status_code)
-
-    async def validation_error(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=400)
-
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(error).__name__}", "internal_error"), status_code=500)
-
-    app.add_exception_handler(GatewayError, gateway_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected)
+    for caught in (GatewayError, StarletteHTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(caught, render)
 
 
 class PortUnavailable(Exception):
@@ -170,5 +138,8 @@ def serve(settings: Settings, profiles: ProfileSet, sock: socket.socket) -> None
         # SIGTERM: stop listening, let in-flight requests finish for up to this long, then stop backends.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         lifespan="on",
+        http=limited_protocol(
+            settings.max_header_bytes, settings.header_timeout, settings.body_timeout, settings.client_write_timeout
+        ),
     )
     uvicorn.Server(config).run(sockets=[sock])

@@ -10,7 +10,6 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.blas import validate_value as validate_blas
-from app.models.store import PROMPT_CACHE_DIR
 
 
 def default_model_store() -> Path:
@@ -42,6 +41,11 @@ class Settings(BaseSettings):
     inactivity_timeout: float = Field(default=120.0, gt=0)
     # Prompt processing sends nothing until the first token, and is slow on a CPU: a longer bound.
     first_token_timeout: float = Field(default=900.0, gt=0)
+    # Seconds a backend may send nothing at all (to any request) while a request waits for its response head;
+    # then it is taken for hung: the request gets 504 and the backend is restarted. mlx_lm.server sends a
+    # stream's head before it processes the prompt, so this covers its queue, not prompt processing; it waits
+    # out work the gateway gave up on (a long prompt whose client left), hence minutes (app/proxy/relay.py).
+    head_timeout: float = Field(default=300.0, gt=0)
     # A streaming request gets its headers once admitted, then an SSE comment at least this often while it
     # waits (queue, backend start, prompt processing): clients such as OpenCode give up without headers.
     keepalive_seconds: float = Field(default=10.0, gt=0)
@@ -49,6 +53,15 @@ class Settings(BaseSettings):
     restart_backoff_max: float = Field(default=60.0, ge=0)
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Seconds a connection may stay unable to take more of its answer (the client reads nothing); then it is
+    # aborted and its request ends as if the client had left: one that stops reading holds no backend slot.
+    client_write_timeout: float = Field(default=60.0, gt=0)
+    # A request's head (request line and headers): beyond this many bytes 431; not complete within this
+    # many seconds of the connection's start (or the request's first byte): 408; its body not complete
+    # within body_timeout seconds of the head: 408 (app/http_limits.py).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    header_timeout: float = Field(default=30.0, gt=0)
+    body_timeout: float = Field(default=120.0, gt=0)
 
     # Prompt caches on disk (app/launcher/disk_tier.py): backends keep prompts' KV caches below this
     # directory (default: `.prompt-cache` in the model store), one subdirectory per model identity of at
@@ -67,6 +80,9 @@ class Settings(BaseSettings):
     auth_health: bool = False
     # Browser origins allowed by CORS (comma-separated, "*" for any); empty: no CORS headers at all.
     cors_origins: str = ""
+    # Host names answered besides those of the bound address (app/browser_guard.py): comma- or
+    # space-separated, "*.example.com" for a domain and its subdomains, "*" for any (no check).
+    allowed_hosts: str = ""
 
     # Change without downtime: SIGHUP reloads profiles; optionally also when a profile file changes.
     reload_on_change: bool = False
@@ -79,7 +95,8 @@ class Settings(BaseSettings):
 
     @property
     def prompt_cache_root(self) -> Path:
-        return self.prompt_cache_dir or self.model_store / PROMPT_CACHE_DIR
+        # The store's layout (app/models/store.py) names this directory.
+        return self.prompt_cache_dir or self.model_store / ".prompt-cache"
 
     @field_validator("blas")
     @classmethod

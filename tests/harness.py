@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 LAUNCHER = [PYTHON, "-m", "app.launcher"]
 FAKE_BACKEND = [PYTHON, "-m", "app.testing.fake_backend"]
+# How Python prints a warning to stderr; the gateway's log lines start with a time instead.
+_WARNING_LINE = re.compile(r"\S+:\d+: ResourceWarning: ")
 
 
 def free_port() -> int:
@@ -99,6 +102,8 @@ class GatewayProcess:
             "SPECGATE_MODEL_STORE": str(workdir / "store"),
             "SPECGATE_BACKEND_STOP_GRACE": "2",
             "SPECGATE_BACKEND_START_TIMEOUT": "60",
+            # Python prints every unclosed socket or file it finalizes; running_gateway fails on the gateway's.
+            "PYTHONWARNINGS": "always::ResourceWarning",
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
@@ -124,6 +129,11 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def resource_warnings(self) -> list[str]:
+        """Unclosed sockets and files the gateway process reported: Python's own warning lines
+        (`file:line: ResourceWarning: ...`), not log lines that quote a backend's output."""
+        return [line for line in self.log().splitlines() if _WARNING_LINE.match(line)]
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -159,6 +169,16 @@ def running_gateway(workdir: Path, profiles: str, env: dict[str, str] | None = N
         yield gateway
     finally:
         gateway.stop()
+    # Read after the process ended: what it leaked is reported when it is collected, at exit at the latest.
+    leaks = gateway.resource_warnings()
+    assert not leaks, "the gateway leaked:\n" + "\n".join(leaks)
+
+
+def backend_stats(gateway: GatewayProcess, profile: str) -> dict[str, Any]:
+    """The backend's own counters (`GET /specgate/stats` of the launcher or the fake backend)."""
+    port = gateway.models()[profile]["backend"]["port"]
+    stats: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/specgate/stats", timeout=2).json()
+    return stats
 
 
 def chat(content: str, model: str, **extra: Any) -> dict[str, Any]:

@@ -130,6 +130,15 @@ def test_cors_when_origins_are_configured(keyed: GatewayProcess) -> None:
             assert completion.status_code == 200, completion.text
             assert completion.headers["access-control-allow-origin"] == "https://app.example"
             assert completion.headers["x-request-id"]
+        # Refusals on the completion endpoint (the key check, bad input) carry them too, in the OpenAI shape.
+        for headers, status in (({}, 401), ({"authorization": f"Bearer {KEY}"}, 400)):
+            refused = client.post(
+                "/v1/chat/completions", json={"model": "base"}, headers={"origin": "https://app.example", **headers}
+            )
+            assert refused.status_code == status, refused.text
+            assert refused.headers["access-control-allow-origin"] == "https://app.example"
+            assert refused.headers["x-request-id"]
+            assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_open_gateway_without_keys_and_no_cors_by_default(tiny_pair: TinyPair, tmp_path: Path) -> None:

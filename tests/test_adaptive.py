@@ -1,4 +1,4 @@
-"""Adaptive draft length (`num_draft_tokens = "auto"`) and routing to the baseline twin (app/adaptive.py).
+"""Adaptive draft length (`num_draft_tokens = "auto"`) and routing to the baseline twin (app/adaptive/).
 
 The estimator is tested on synthetic requests: a simulated backend that follows mlx_lm's
 `speculative_generate_step` (each round drafts min(k, tokens left), the target keeps the matching
@@ -8,10 +8,12 @@ tests run real launchers on the tiny model pair.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,14 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from app import adaptive
-from app.adaptive import BackendEstimator, Observation, SpeculationPlanner, prompt_class
-from app.profiles import ProfileError, ProfileSet, parse_profiles
+from app.adaptive.collector import PlannerCollector
+from app.adaptive.estimator import COST_WINDOW, K_MAX, PROBE_EVERY, WARMUP_K, BackendEstimator, Observation
+from app.adaptive.planner import SpeculationPlanner, observation_from_record
+from app.adaptive.prompt_classes import prompt_class
+from app.profiles import Profile, ProfileError, ProfileSet, parse_profiles
+from app.proxy.plan import Load, Plan, apply_plan
 from app.proxy.record import RequestRecord
-from app.proxy.rewrite import build_backend_request
+from app.proxy.rewrite import BackendRequest, build_backend_request
 from app.testing.tiny_model import write_pair
 from tests.harness import GatewayProcess, chat, running_gateway, wait_for
 
@@ -113,13 +118,13 @@ def settled(chosen: Sequence[int], tail: int = 20) -> list[int]:
 def test_cpu_costs_settle_on_no_drafting_even_at_high_acceptance() -> None:
     estimator = BackendEstimator()
     chosen = serve(estimator, 60, accept=0.91, cost=CPU, rng=random.Random(1))
-    assert chosen[:2] == [0, adaptive.WARMUP_K]  # measure plain decoding, then what drafting costs
+    assert chosen[:2] == [0, WARMUP_K]  # measure plain decoding, then what drafting costs
     best = estimator.best("code")
     assert best.k == 0
     assert best.reason == "model"
     # After the warm-up only the bounded share of probes drafts at all.
     drafting = [k for k in chosen[2:] if k > 0]
-    assert len(drafting) <= len(chosen[2:]) // adaptive.PROBE_EVERY
+    assert len(drafting) <= len(chosen[2:]) // PROBE_EVERY
     assert max(drafting) <= 2  # probes stay next to the current best
     # Plain step and per-draft-token cost recovered: c(d) = 0.77 + 1.03 d.
     assert estimator.costs.plain_step == pytest.approx(0.77, rel=0.1)
@@ -129,9 +134,9 @@ def test_cpu_costs_settle_on_no_drafting_even_at_high_acceptance() -> None:
 def test_gpu_costs_with_high_acceptance_choose_drafting_near_the_best_k() -> None:
     estimator = BackendEstimator()
     chosen = serve(estimator, 100, accept=0.85, cost=GPU, rng=random.Random(2))
-    best_true = max(speedup(k, 0.85, GPU) for k in range(adaptive.K_MAX + 1))
-    tail = settled(chosen, 4 * adaptive.PROBE_EVERY)
-    assert tail.count(0) <= len(tail) // adaptive.PROBE_EVERY  # only probes of plain decoding
+    best_true = max(speedup(k, 0.85, GPU) for k in range(K_MAX + 1))
+    tail = settled(chosen, 4 * PROBE_EVERY)
+    assert tail.count(0) <= len(tail) // PROBE_EVERY  # only probes of plain decoding
     # Mean true speed-up of the draft lengths used lately, probes included: >= 95 % of the best fixed k.
     achieved = sum(speedup(k, 0.85, GPU) for k in tail) / len(tail)
     assert achieved >= 0.95 * best_true
@@ -148,7 +153,7 @@ def test_a_machine_that_becomes_fast_is_noticed_within_a_bounded_number_of_reque
     chosen = serve(estimator, 50, accept=0.9, cost=GPU, rng=rng)
     # Only probes see drafting at work while k=0 is chosen: two probes per neighbouring k suffice.
     first = next(i for i, k in enumerate(chosen) if k > 0 and estimator.best("code").k > 0)
-    assert first < 5 * adaptive.PROBE_EVERY
+    assert first < 5 * PROBE_EVERY
     assert estimator.best("code").k >= 2
 
 
@@ -160,7 +165,7 @@ def test_a_machine_that_becomes_slow_is_noticed_within_a_few_requests() -> None:
     chosen = serve(estimator, 20, accept=0.9, cost=CPU, rng=rng)
     # The chosen k itself is measured on every request: two slow ones outvote the old median.
     switched = next(i for i, k in enumerate(chosen) if k == 0)
-    assert switched <= 2 * adaptive.COST_WINDOW
+    assert switched <= 2 * COST_WINDOW
     assert estimator.best("code").k == 0
 
 
@@ -214,7 +219,7 @@ def test_probes_are_a_bounded_share_and_visit_the_neighbours() -> None:
         choice = estimator.choose("code")
         reasons.append(choice.reason)
         estimator.observe(simulate(choice.k, 0.9, GPU, rng))
-    assert reasons.count("probe") == 100 // adaptive.PROBE_EVERY
+    assert reasons.count("probe") == 100 // PROBE_EVERY
     assert estimator.neighbours(3) == [4, 2, 0, 5]
     assert estimator.neighbours(0) == [1, 2]
 
@@ -225,7 +230,7 @@ def test_short_requests_and_failures_teach_nothing_about_cost() -> None:
     assert estimator.costs.plain_step is None
     record = RequestRecord("r", "p", "m", "d", "chat", False, 2)
     record.outcome = "client_gone"
-    assert Observation.from_record(record, "chat") is None
+    assert observation_from_record(record, "chat") is None
 
 
 def test_observation_from_a_record_counts_rounds_as_target_tokens() -> None:
@@ -242,7 +247,7 @@ def test_observation_from_a_record_counts_rounds_as_target_tokens() -> None:
             "generation_seconds": 0.3,
         }
     )
-    obs = Observation.from_record(record, "code")
+    obs = observation_from_record(record, "code")
     assert obs is not None
     assert (obs.k, obs.rounds, obs.drafted, obs.generation_seconds) == (3, 4, 10, 0.3)
 
@@ -306,81 +311,157 @@ def test_invalid_auto_or_routing_is_refused_with_the_field(change: tuple[str, st
     assert "spec/auto" in str(caught.value)
 
 
-class _FakeAdmission:
-    def __init__(self, concurrency: int, running: int = 0, waiting: int = 0) -> None:
-        self.concurrency, self.running, self.waiting = concurrency, running, waiting
+@dataclass
+class _BackendLoad:
+    """One backend's load, set by a test; the planner sees it as an app.proxy.plan.Load."""
+
+    concurrency: int
+    running: int = 0
+    waiting: int = 0
+    up: bool = True
 
 
-class _FakeBackend:
-    is_running = True
+class _Loads:
+    """The load function the gateway gives its planner (app.proxy.plan.pool_load), over loads a test sets."""
 
-
-class _FakeSlot:
-    def __init__(self, concurrency: int) -> None:
-        self.admission = _FakeAdmission(concurrency)
-        self.backend = _FakeBackend()
-
-
-class _FakePool:
     def __init__(self, profiles: ProfileSet) -> None:
-        self.slots = {p.backend_spec: _FakeSlot(1 if p.is_speculative else 4) for p in profiles}
+        self.by_spec = {p.backend_spec: _BackendLoad(1 if p.is_speculative else 4) for p in profiles}
+        self.profiles = profiles
 
-    def slot_for(self, profile: Any) -> Any:
-        return self.slots[profile.backend_spec]
+    def of(self, name: str) -> _BackendLoad:
+        return self.by_spec[self.profiles.profiles[name].backend_spec]
+
+    def __call__(self, profile: Profile) -> Load:
+        load = self.by_spec[profile.backend_spec]
+        return Load(load.waiting, load.running, load.concurrency, load.up)
+
+
+FIXED = """
+[profiles."spec/3"]
+model = "/m"
+draft_model = "/d"
+num_draft_tokens = 3
+"""
 
 
 @pytest.fixture
-def planner() -> SpeculationPlanner:
-    profiles = ProfileSet(parse_profiles(TWINS))
-    return SpeculationPlanner(_FakePool(profiles), profiles)  # type: ignore[arg-type]
+def loads() -> _Loads:
+    return _Loads(ProfileSet(parse_profiles(TWINS + FIXED)))
 
 
-def _plan(planner: SpeculationPlanner, body: dict[str, Any]) -> tuple[Any, Any]:
+@pytest.fixture
+def planner(loads: _Loads) -> SpeculationPlanner:
+    return SpeculationPlanner(loads, loads.profiles)
+
+
+def _plan(planner: SpeculationPlanner, body: dict[str, Any]) -> tuple[Plan, BackendRequest, RequestRecord]:
+    """Plan a request as the handler does: the planner decides without writing, apply_plan writes."""
     profile = planner.profiles.get(body["model"])
     assert profile is not None
     request = build_backend_request("chat", body, profile)
-    return planner.plan(profile, body, request), request
+    before = copy.deepcopy(request)
+    plan = planner.plan(profile, body, request)
+    assert request == before, "the planner must not change the request"
+    record = RequestRecord("r", profile.name, profile.model, profile.draft_model, "chat", False, plan.num_draft_tokens)
+    apply_plan(plan, request, record)
+    return plan, request, record
 
 
-def test_planner_routes_only_past_the_threshold_and_to_a_twin_with_room(planner: SpeculationPlanner) -> None:
-    pool: Any = planner.pool
-    spec_slot = pool.slots[planner.profiles.profiles["spec/auto"].backend_spec]
-    twin_slot = pool.slots[planner.profiles.profiles["base"].backend_spec]
+def test_planner_routes_only_past_the_threshold_and_to_a_twin_with_room(
+    planner: SpeculationPlanner, loads: _Loads
+) -> None:
+    spec_load, twin_load = loads.of("spec/auto"), loads.of("base")
     body = chat("hi", "spec/auto")
-    spec_slot.admission.running, spec_slot.admission.waiting = 1, 1
-    plan, request = _plan(planner, body)
+    spec_load.running, spec_load.waiting = 1, 1
+    plan, request, record = _plan(planner, body)
     assert plan.routed_to is None
+    assert plan.profile.name == "spec/auto"
     assert request.body["num_draft_tokens"] == 0  # warm-up: plain decoding is measured first
-    spec_slot.admission.waiting = 2
-    plan, request = _plan(planner, body)
+    spec_load.waiting = 2
+    plan, request, record = _plan(planner, body)
     assert plan.routed_to == "base"
-    assert plan.slot is twin_slot
+    assert plan.profile.name == "base"
     assert "num_draft_tokens" not in request.body
     assert request.num_draft_tokens is None
+    # The record says where it went, and has no draft figures to read or count.
+    assert (record.routed_to, record.draft_model, record.num_draft_tokens) == ("base", None, None)
     # A twin that is full and queued at least as long gains nothing.
-    twin_slot.admission.running, twin_slot.admission.waiting = 4, 2
+    twin_load.running, twin_load.waiting = 4, 2
     assert _plan(planner, body)[0].routed_to is None
     # A twin that is not running is not started because of a queue.
-    twin_slot.admission.running, twin_slot.admission.waiting = 0, 0
-    twin_slot.backend = type("Stopped", (), {"is_running": False})()
+    twin_load.running, twin_load.waiting = 0, 0
+    twin_load.up = False
     assert _plan(planner, body)[0].routed_to is None
     assert planner.routed() == [("spec/auto", "base", 1)]
 
 
+def test_planner_sends_the_estimators_k_for_auto_and_leaves_fixed_and_plain_profiles_alone(
+    planner: SpeculationPlanner,
+) -> None:
+    estimator = planner.estimator(planner.profiles.profiles["spec/auto"].backend_spec)
+    estimator.observe(simulate(0, 0.9, CPU, random.Random(10)))  # plain decoding measured: drafting next
+    plan, request, record = _plan(planner, chat("hello", "spec/auto"))
+    assert (plan.num_draft_tokens, plan.k_reason, plan.prompt_class) == (WARMUP_K, "warmup", "chat")
+    assert request.body["num_draft_tokens"] == request.num_draft_tokens == record.num_draft_tokens == WARMUP_K
+    assert (record.k_reason, record.prompt_class, record.routed_to) == ("warmup", "chat", None)
+    plan, request, record = _plan(planner, chat("hello", "spec/3"))
+    assert (request.body["num_draft_tokens"], record.num_draft_tokens, record.k_reason) == (3, 3, "fixed")
+    plan, request, record = _plan(planner, chat("hello", "base"))
+    assert "num_draft_tokens" not in request.body
+    assert (plan.num_draft_tokens, record.k_reason, record.prompt_class) == (None, None, None)
+
+
+def _finished(record: RequestRecord, accepted: int = 6) -> RequestRecord:
+    """`record` as the launcher's figures leave it: 20 tokens, `accepted` of them drafted, 0.5 s."""
+    k = record.num_draft_tokens or 0
+    rounds = 20 - accepted
+    record.outcome = "success"
+    record.absorb_usage({"prompt_tokens": 5, "completion_tokens": 20})
+    record.absorb_launcher(
+        {
+            "num_draft_tokens": k * rounds,
+            "num_accepted_tokens": accepted,
+            "drafted_per_position": [rounds] * k,
+            "accepted_per_position": [accepted] + [0] * (k - 1) if k else [],
+            "generation_seconds": 0.5,
+        }
+    )
+    return record
+
+
 def test_planner_keeps_a_client_k_and_learns_from_it(planner: SpeculationPlanner) -> None:
-    plan, request = _plan(planner, chat("def f(x): return x", "spec/auto", num_draft_tokens=5))
+    plan, request, record = _plan(planner, chat("def f(x): return x", "spec/auto", num_draft_tokens=5))
     assert request.body["num_draft_tokens"] == 5
     assert plan.k_reason == "client"
     assert plan.prompt_class == "code"
+    planner.observe(_finished(record))
+    estimator = planner.estimator(planner.profiles.profiles["spec/auto"].backend_spec)
+    measured = estimator.costs.measured(5)
+    assert measured is not None
+    assert measured[0] == pytest.approx(0.5 / 13)  # 14 rounds: the clock starts after the first
+    assert estimator.classes["code"].observations == 1
+
+
+def test_planner_learns_nothing_from_routed_or_failed_requests(planner: SpeculationPlanner) -> None:
+    estimator = planner.estimator(planner.profiles.profiles["spec/auto"].backend_spec)
+    failed = _finished(_plan(planner, chat("hello", "spec/auto", num_draft_tokens=2))[2])
+    failed.outcome = "backend_error"
+    planner.observe(failed)
+    routed = _finished(_plan(planner, chat("hello", "spec/auto", num_draft_tokens=2))[2])
+    routed.routed_to = "base"
+    planner.observe(routed)
+    assert estimator.observations == 0
+    planner.observe(_finished(_plan(planner, chat("hello", "spec/auto", num_draft_tokens=2))[2]))
+    assert estimator.observations == 1
 
 
 def _scrape(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float | None:
     return registry.get_sample_value(name, labels)
 
 
-def test_collector_exports_k_estimates_and_routes(planner: SpeculationPlanner) -> None:
+def test_collector_exports_k_estimates_and_routes(planner: SpeculationPlanner, loads: _Loads) -> None:
     registry = CollectorRegistry()
-    registry.register(planner)
+    registry.register(PlannerCollector(planner))
     estimator = planner.estimator(planner.profiles.profiles["spec/auto"].backend_spec)
     serve(estimator, 30, accept=0.91, cost=CPU, rng=random.Random(9), klass="chat")
     _plan(planner, chat("hello", "spec/auto"))  # the profile has now seen the chat class
@@ -393,6 +474,16 @@ def test_collector_exports_k_estimates_and_routes(planner: SpeculationPlanner) -
     plain = _scrape(registry, "specgate_adaptive_plain_step_seconds", {"profile": "spec/auto"})
     assert plain == pytest.approx(0.77, rel=0.1)
     assert _scrape(registry, "specgate_adaptive_round_seconds", {"profile": "spec/auto", "k": "0"}) == plain
+    per_draft = _scrape(registry, "specgate_adaptive_draft_token_seconds", {"profile": "spec/auto"})
+    assert per_draft == pytest.approx(1.03, rel=0.15)
+    assert _scrape(registry, "specgate_adaptive_probes_total", {"profile": "spec/auto"}) == estimator.probes > 0
+    # Only `auto` profiles have estimates to export.
+    assert _scrape(registry, "specgate_adaptive_plain_step_seconds", {"profile": "spec/3"}) is None
+    routes = {"profile": "spec/auto", "twin": "base"}
+    assert _scrape(registry, "specgate_routed_requests_total", routes) is None
+    loads.of("spec/auto").waiting = 2
+    assert _plan(planner, chat("hello", "spec/auto"))[0].routed_to == "base"
+    assert _scrape(registry, "specgate_routed_requests_total", routes) == 1
     explained = planner.explain("spec/auto")
     assert explained is not None
     assert explained["classes"]["chat"]["k"] == 0
@@ -467,7 +558,7 @@ def test_auto_profile_serves_the_baseline_greedy_output_and_shows_its_k(gateway:
                 ks.append(spec["num_speculative_tokens"])
                 assert (spec["num_draft_tokens"] > 0) == (spec["num_speculative_tokens"] > 0)
         assert reasons[:2] == ["warmup", "warmup"]
-        assert ks[:2] == [0, adaptive.WARMUP_K]
+        assert ks[:2] == [0, WARMUP_K]
         assert "model" in reasons
         # Streamed, the usage chunk says the same.
         stream_body = chat("def fib(n):", "speculative/tiny-auto", max_tokens=40, stream=True)

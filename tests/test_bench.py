@@ -4,14 +4,15 @@ tiny scale. No timed assertions: speed is what the commands report, never what a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from app.bench import stats
-from app.bench.cli import parse_k_range
+from app.bench import sample_stats
+from app.bench.arguments import parse_k_range
 from app.bench.client import BenchError, Sample
 from app.bench.discrimination import analyze_decisions, decide
 from app.bench.overhead import OverheadConfig, run_overhead, text_report
@@ -37,30 +38,30 @@ def _quiet(_: str) -> None:
 
 
 def test_percentile_and_median_interpolate_like_numpy() -> None:
-    assert stats.median([3.0, 1.0, 2.0]) == 2.0
-    assert stats.median([1.0, 2.0, 3.0, 4.0]) == 2.5
-    assert stats.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 25) == 2.0
-    assert stats.percentile([10.0, 20.0], 99) == pytest.approx(19.9)
-    assert stats.percentile([7.0], 99) == 7.0
+    assert sample_stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert sample_stats.median([1.0, 2.0, 3.0, 4.0]) == 2.5
+    assert sample_stats.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 25) == 2.0
+    assert sample_stats.percentile([10.0, 20.0], 99) == pytest.approx(19.9)
+    assert sample_stats.percentile([7.0], 99) == 7.0
     with pytest.raises(ValueError, match="no values"):
-        stats.median([])
+        sample_stats.median([])
 
 
 def test_summary_spread_is_the_relative_interquartile_range() -> None:
-    summary = stats.summarize([1.0, 2.0, 3.0, 4.0, 5.0, None])
+    summary = sample_stats.summarize([1.0, 2.0, 3.0, 4.0, 5.0, None])
     assert summary is not None
     assert (summary.n, summary.median, summary.p25, summary.p75) == (5, 3.0, 2.0, 4.0)
     assert summary.spread == pytest.approx(2.0 / 3.0)
-    assert stats.summarize([None, None]) is None
+    assert sample_stats.summarize([None, None]) is None
 
 
 def test_speedup_and_paired_speedup() -> None:
-    assert stats.speedup(3.0, 2.0) == 1.5
-    assert stats.speedup(None, 2.0) is None
-    assert stats.speedup(1.0, 0.0) is None
+    assert sample_stats.speedup(3.0, 2.0) == 1.5
+    assert sample_stats.speedup(None, 2.0) is None
+    assert sample_stats.speedup(1.0, 0.0) is None
     # Per-pair ratios 0.5, 1.0, 2.0 (and an incomplete pair, ignored): their median.
-    assert stats.paired_speedup([(1.0, 2.0), (2.0, 2.0), (4.0, 2.0), (1.0, None)]) == 1.0
-    assert stats.paired_speedup([]) is None
+    assert sample_stats.paired_speedup([(1.0, 2.0), (2.0, 2.0), (4.0, 2.0), (1.0, None)]) == 1.0
+    assert sample_stats.paired_speedup([]) is None
 
 
 def test_first_difference() -> None:
@@ -256,8 +257,12 @@ def test_bench_json_report_against_the_twin(bench_gateway: GatewayProcess, tmp_p
     assert arms[f"{SPEC} k=0"]["acceptance_rate"] is None
     (sweep,) = report["sweeps"]
     assert [point["k"] for point in sweep["points"]] == [0, 1, 2]
-    assert sweep["best_k"] in (0, 1, 2)
-    assert sweep["verdict"]
+    # The best k is the fastest point measured, and the verdict names it.
+    measured = [point for point in sweep["points"] if point["decode_tps"] is not None]
+    assert len(measured) == 3
+    fastest = max(measured, key=lambda point: point["decode_tps"])
+    assert sweep["best_k"] == fastest["k"]
+    assert re.search(rf"k ?= ?{fastest['k']}\b", sweep["verdict"]), sweep["verdict"]
     assert len(report["samples"]) == 5 * 2 * 2
     assert report["load_average_before"]
     assert report["machine"]["cpus"] >= 1

@@ -15,10 +15,10 @@ import pytest
 
 from app.models import catalog, sources
 from app.models.catalog import CatalogEntry, WheelPart, pull
-from app.models.cli import main as models_main
 from app.models.errors import PullError
 from app.models.sources import describe_source, prepare_source
 from app.models.store import ModelStore
+from app.models.store_commands import main as models_main
 from tests.models_helpers import write_part_wheel, write_tiny_gguf
 
 NAME = "tiny-catalog"

@@ -217,10 +217,13 @@ def test_the_openai_sdk_reads_a_stream_with_comments(model_dir: Path, tmp_path: 
     assert text == "echo Hi there t3"
 
 
-def test_the_real_launcher_reports_prompt_progress(tiny_pair: TinyPair, tmp_path: Path) -> None:
+@pytest.mark.parametrize("draft", [False, True], ids=["plain", "draft"])
+def test_the_real_launcher_reports_prompt_progress(tiny_pair: TinyPair, tmp_path: Path, draft: bool) -> None:
     # A small prefill step, so the tiny model's prompt is processed in several chunks, each one reported.
+    # With a draft model mlx_lm.server reports nothing; the launcher reports the main model's chunks.
+    draft_line = f'draft_model = "{tiny_pair.draft}"\n' if draft else ""
     profiles = (
-        f'[profiles.tiny]\nmodel = "{tiny_pair.main}"\nsampling = {{ temperature = 0.0 }}\n'
+        f'[profiles.tiny]\nmodel = "{tiny_pair.main}"\n{draft_line}sampling = {{ temperature = 0.0 }}\n'
         'backend = { args = ["--prefill-step-size", "16"] }\n'
     )
     body = {
@@ -238,6 +241,7 @@ def test_the_real_launcher_reports_prompt_progress(tiny_pair: TinyPair, tmp_path
     steps = [(int(m.group(1)), int(m.group(2))) for m in progress if m]
     usage = next(e["usage"] for e in data_events(lines) if isinstance(e, dict) and e.get("usage"))
     assert len(steps) >= 3, lines[:first_data]
+    assert steps == sorted(steps), steps
     assert steps[-1] == (usage["prompt_tokens"], usage["prompt_tokens"])
     assert not any(line.startswith(": keepalive") for line in comments(lines))
 

@@ -221,6 +221,7 @@ def test_health_models_stats_and_unknown_paths(spawn: Spawn) -> None:
         "active_requests": 0,
         "waiting_requests": 0,
         "requests_disconnected": 0,
+        "peak_concurrent_requests": 0,
     }
     assert httpx.get(backend.url + "/nope").status_code == 404
     # Exact path match, like mlx: a query string is a 404.
@@ -456,6 +457,60 @@ def test_hang_after_tokens_keeps_the_socket_open_and_silent(spawn: Spawn) -> Non
         assert httpx.get(backend.url + "/health").status_code == 200
         assert backend.stats()["active_requests"] == 1
         assert backend.stats()["tokens_generated"] == 2
+
+
+def test_hang_before_headers_wedges_every_later_completion(spawn: Spawn) -> None:
+    backend = spawn("--hang-before-headers-on", "freeze")
+    assert backend.post(TEXT, {"prompt": "hi", "max_tokens": 1}).status_code == 200  # before the trigger
+    timeout = httpx.Timeout(5, read=SILENCE_S)
+    for content in ("please freeze now", "an innocent one after it"):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(backend.url + CHAT, json=streaming(chat_body(content)), timeout=timeout)
+    wait_until(lambda: backend.stderr().count("hanging before the end of the headers") == 2, "two hung requests")
+    # The HTTP side still answers, like mlx_lm.server with a stuck generation thread.
+    assert httpx.get(backend.url + "/health").status_code == 200
+    assert backend.stats()["requests_started"] == 1
+
+
+def test_hang_in_headers_sends_only_the_status_line(spawn: Spawn) -> None:
+    backend = spawn("--hang-in-headers-on", "freeze")
+    body = json.dumps(chat_body("freeze")).encode()
+    with socket.create_connection(("127.0.0.1", backend.port), timeout=5) as sock:
+        sock.sendall(f"POST {CHAT} HTTP/1.0\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while not received.endswith(b"\r\n"):
+            received += sock.recv(100)
+        assert received == b"HTTP/1.0 200 OK\r\n"
+        sock.settimeout(SILENCE_S)
+        with pytest.raises(TimeoutError):
+            sock.recv(100)
+
+
+def test_peak_concurrent_requests_counts_requests_generating_at_once(spawn: Spawn) -> None:
+    backend = spawn("--token-delay", "0.01")
+    with contextlib.ExitStack() as stack:
+        lines = []
+        for _ in range(3):
+            body = streaming(chat_body(max_tokens=1000))
+            response = stack.enter_context(httpx.stream("POST", backend.url + CHAT, json=body, timeout=5))
+            lines.append(sse_data(response.iter_lines()))  # referenced: a dropped iterator closes the socket
+            next(lines[-1])
+        assert backend.stats()["active_requests"] == 3
+    wait_until(lambda: backend.stats()["active_requests"] == 0, "the streams to end")
+    assert backend.post(CHAT, chat_body(max_tokens=2)).status_code == 200
+    assert backend.stats()["peak_concurrent_requests"] == 3
+    # A request whose client has closed its connection, but that the backend has not noticed yet, is not counted.
+    slow = spawn("--first-token-delay", "3")
+    with httpx.stream("POST", slow.url + CHAT, json=streaming(chat_body(max_tokens=5)), timeout=5):
+        pass  # closed at once: the backend notices only at its first write, after the delay
+    wait_until(lambda: slow.stats()["requests_started"] == 1, "the first request to start")
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(slow.post, TEXT, {"prompt": "hi", "max_tokens": 1})
+        wait_until(lambda: slow.stats()["requests_started"] == 2, "the second request to start")
+        stats = slow.stats()
+        assert second.result().status_code == 200
+    assert stats["active_requests"] == 2  # both generating, as far as the backend knows
+    assert stats["peak_concurrent_requests"] == 1
 
 
 def test_fail_start_exits_with_a_load_error(spawn: Spawn) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -521,11 +522,15 @@ def test_exactness_tests_run_on_the_blas_users_get(backends: Backends) -> None:
 
     if plan("auto").library is None:
         pytest.skip("no fast BLAS on this machine (README: pip install mkl, or apt-get install libopenblas0-pthread)")
+    expected = plan("auto").library
     for backend in (backends.spec, backends.plain):
         (event,) = [event for event in _events(backend) if event["event"] == "blas"]
         if find_mkl() is not None:
             assert event["summary"].startswith("mkl "), event
-        assert event["fast"] is True, f"the launchers of this suite run on a slow BLAS: {event}"
+        # Which library serves cblas_sgemm, not how fast it ran: the timed probe reads a loaded machine's
+        # speed (under a load of 10 on 2 cores MKL's 512^3 matmul fell below the "fast" line once).
+        assert Path(event["library"]).resolve() == Path(expected).resolve(), event
+        assert event["warning"] is None or "slow BLAS" in event["warning"], event
 
 
 def test_load_failure_exits(launcher_factory: LauncherFactory, tmp_path: Any) -> None:

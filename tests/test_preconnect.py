@@ -1,4 +1,4 @@
-"""The gateway's spare backend connection (app/proxy/upstream.py Preconnected), on a real loopback server.
+"""The gateway's spare backend connection (app/backends/connections.py Preconnected), on a real loopback server.
 
 What must hold: a request gets a connection the server has already accepted whenever one is ready, a
 spare the server closed is never handed out (a restarted backend), and closing leaves no socket open.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from app.proxy.upstream import Preconnected
+from app.backends.connections import Preconnected
 
 
 class Server:
@@ -103,13 +103,29 @@ def test_a_spare_still_connecting_stays_for_the_next_request() -> None:
         server = Server()
         port = await server.start()
         connections = Preconnected("127.0.0.1", port)
-        # Two requests at once: the second finds the spare still connecting and connects on its own.
-        first, second = await asyncio.gather(connections.take(), connections.take())
+        # Two requests at once. The first starts the spare and connects on its own; the second finds the
+        # spare still connecting (its task has not run yet) and connects on its own too.
+        first_take = asyncio.ensure_future(connections.take())
+        await asyncio.sleep(0)
+        spare_task = connections._spare
+        assert spare_task is not None
+        assert not spare_task.done()
+        second = await connections.take()
+        first = await first_take
+        await _settle()
+        # Two request connections and that same spare, which neither request took.
+        assert connections._spare is spare_task
+        assert len(server.accepted) == 3
+        spare_writer = spare_task.result()[1]
+        assert spare_writer not in (first[1], second[1])
         assert await _exchange(first, b"a") == b"echo a\n"
         assert await _exchange(second, b"b") == b"echo b\n"
-        await _settle()
+        # The next request is served on that spare; the server accepted only the spare's replacement.
         third = await connections.take()
+        assert third[1] is spare_writer
         assert await _exchange(third, b"c") == b"echo c\n"
+        await _settle()
+        assert len(server.accepted) == 4
         connections.close()
         await server.stop()
 

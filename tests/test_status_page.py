@@ -82,6 +82,10 @@ def test_status_json_reports_what_the_responses_reported(gateway: GatewayProcess
     assert backend["pid"] == models[SPEC]["backend"]["pid"]
     # The fake backend is a small Python process: tens of MiB resident, read from /proc.
     assert 5 * 2**20 < backend["rss_bytes"] < 500 * 2**20
+    # Its own account of its work (the fake keeps no count of abandoned prompts: null).
+    assert backend["activity"]["doing"] == "idle"
+    assert backend["activity"]["requests_started"] >= 3  # the readiness probe and these two requests
+    assert backend["activity"]["prefills_abandoned"] is None
     newest = status["requests"][0]
     assert newest["request_id"] == "json-2"
     assert newest["generation_tokens"] == second["usage"]["completion_tokens"]
@@ -126,6 +130,8 @@ def test_page_shows_a_profile_that_just_served_with_its_figures(
         backend_name = json.dumps(next(p for p in status["profiles"] if p["name"] == SPEC)["backend"])
         assert page.evaluate(backend_cell % (backend_name, "pid")) == str(backend_pid)
         assert page.evaluate(backend_cell % (backend_name, "rss")).endswith("MiB")
+        # What the backend says it works on, asked at each refresh: nothing now.
+        assert page.evaluate(backend_cell % (backend_name, "doing")) == "idle"
         # The log tail shows the backend's line for this request.
         page.wait_for(
             "document.getElementById('log').textContent.includes('request id=page-check-1 ')",

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from app.logging_setup import printable
+
 EVENT_PREFIX = "SPECGATE_EVENT "
 
 
@@ -32,6 +34,9 @@ class BackendLog:
         self.on_event: Callable[[dict[str, Any]], None] | None = None
 
     def append(self, stream: str, text: str) -> None:
+        # A backend's output can quote a request (an error, a traceback): kept with its control characters
+        # escaped, so `/logs` shows a terminal no escape sequence a client put there.
+        text = printable(text)
         line = LogLine(time.time(), stream, text)
         self.lines.append(line)
         self._logger.info("%s", text)

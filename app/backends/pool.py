@@ -1,4 +1,13 @@
-"""All backends: one per BackendSpec, started on demand, unloaded when idle, LRU-evicted at the cap."""
+"""All backends: one per BackendSpec, started on demand, unloaded when idle, LRU-evicted at the cap.
+
+The cap (`max_running`) bounds memory, so it counts every backend whose process may still hold its model
+(starting, ready, and stopping: `Backend.holds_a_process`) and every start granted room that has not
+begun yet. An evicted backend counts until its process has exited, and the start that evicted it holds
+its room from the eviction on but starts only after that exit; so the processes alive never exceed the
+cap, though the count may, while an evicted backend stops. Evictions run outside the pool's condition,
+as tasks of the pool: a start that finds room, or evicts a backend of its own, goes ahead while another
+backend stops, and a requester that leaves does not cut a stop short.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ class BackendSlot:
 
 
 class BackendPool:
-    """Owns every backend process. At most `max_running` run at once; a serving one is never evicted."""
+    """Owns every backend process. At most `max_running` hold a process at once; a serving one is never evicted."""
 
     def __init__(
         self,
@@ -45,6 +54,10 @@ class BackendPool:
         self._http = http
         self.slots: dict[BackendSpec, BackendSlot] = {}
         self._capacity = asyncio.Condition()
+        # Starts granted room (from `_make_room` until their backend's start has ended).
+        self._granted: dict[BackendSlot, int] = {}
+        # Backends chosen for eviction and their stops, which run as tasks of the pool.
+        self._evictions: dict[BackendSlot, asyncio.Task[None]] = {}
         self._reaper: asyncio.Task[None] | None = None
         # Names stay unique after a profile reload removes slots (logs and metrics are keyed by them).
         self._created = 0
@@ -77,27 +90,49 @@ class BackendPool:
         backend.touch()
         if backend.state is BackendState.READY:
             return
-        if not backend.is_running:
+        granted = not backend.is_running
+        if granted:
             await self._make_room(slot)
-        await backend.ensure_ready()
-        async with self._capacity:
-            self._capacity.notify_all()
+        try:
+            await backend.ensure_ready()
+        finally:
+            if granted:
+                self._ungrant(slot)
+            async with self._capacity:
+                self._capacity.notify_all()
+
+    def _occupying(self, wanted: BackendSlot) -> list[BackendSlot]:
+        """The slots other than `wanted` that count against the cap (see the module docstring)."""
+        return [s for s in self.slots.values() if s is not wanted and (s.backend.holds_a_process or s in self._granted)]
 
     async def _make_room(self, wanted: BackendSlot) -> None:
+        """Return once `wanted` may start under the cap, with room granted to it: free room, or the room of
+        the least recently used idle backend, evicted for it. The room of an eviction is the evicting
+        start's from the moment it evicts (others count it taken and evict a backend of their own), but
+        its process starts only once the evicted one has exited."""
         deadline = time.monotonic() + self.timing.start_timeout
         async with self._capacity:
             while True:
-                running = [s for s in self.slots.values() if s is not wanted and s.backend.is_running]
-                if len(running) < self.max_running:
+                occupying = self._occupying(wanted)
+                if len(occupying) < self.max_running:
+                    self._grant(wanted)
                     return
-                idle = [s for s in running if s.admission.active == 0 and s.backend.state is BackendState.READY]
+                idle = [
+                    s
+                    for s in occupying
+                    if s.admission.active == 0
+                    and s.backend.state is BackendState.READY
+                    and s not in self._evictions
+                    and s not in self._granted
+                ]
                 if idle:
                     victim = min(idle, key=lambda s: s.backend.last_used)
                     logger.info(
                         "evicting %s (least recently used) to start %s", victim.backend.name, wanted.backend.name
                     )
-                    await victim.backend.stop("evicted: least recently used")
-                    continue
+                    eviction = self._evictions[victim] = asyncio.create_task(self._evict(victim))
+                    self._grant(wanted)
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BackendStartFailed(
@@ -106,6 +141,33 @@ class BackendPool:
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._capacity.wait(), timeout=min(1.0, remaining))
+        # Outside the condition: other starts go ahead meanwhile. A requester that leaves gives its room
+        # back; the stop goes on regardless (shielded, a task of the pool).
+        try:
+            await asyncio.shield(eviction)
+        except BaseException:
+            self._ungrant(wanted)
+            raise
+
+    def _grant(self, slot: BackendSlot) -> None:
+        self._granted[slot] = self._granted.get(slot, 0) + 1
+
+    async def _evict(self, victim: BackendSlot) -> None:
+        """Stop an evicted backend, outside the condition; then wake the starts waiting for its room."""
+        try:
+            await victim.backend.stop("evicted: least recently used")
+        except Exception:
+            logger.exception("stopping evicted backend %s failed", victim.backend.name)
+        finally:
+            self._evictions.pop(victim, None)
+            await self.notify_idle()
+
+    def _ungrant(self, slot: BackendSlot) -> None:
+        count = self._granted.get(slot, 0) - 1
+        if count > 0:
+            self._granted[slot] = count
+        else:
+            self._granted.pop(slot, None)
 
     async def notify_idle(self) -> None:
         async with self._capacity:
@@ -140,6 +202,7 @@ class BackendPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await asyncio.gather(*(slot.backend.stop("gateway shutting down") for slot in self.slots.values()))
+        await asyncio.gather(*self._evictions.values(), return_exceptions=True)
 
 
 def _short_name(spec: BackendSpec) -> str:

@@ -1,12 +1,22 @@
 """One supervised backend process.
 
-State (only `Backend`'s own methods, under its lock, change it):
+State: `TRANSITIONS` is the table of every allowed change, and `Backend._become` the one method that
+writes the state; it refuses (and logs) a change the table does not hold.
 
     STOPPED  --ensure_ready-->  STARTING  --loaded + produced a token-->  READY
     STARTING --exited / timed out-->  FAILED   (the reason comes from the backend's own log)
-    READY    --process exited-->      FAILED   (restarted by the next request)
+    STARTING --start abandoned (stop, shutdown)-->  STOPPED
+    READY    --process exited, or marked broken by a request-->  FAILED   (restarted by the next request)
     READY    --stop-->  STOPPING  -->  STOPPED
     FAILED   --ensure_ready, once the crash-loop back-off has passed-->  STARTING
+    FAILED   --stop (a dead process's leftovers)-->  STOPPING  -->  STOPPED, or back to FAILED when the
+             stop is the cleanup before a restart (the back-off and the reason stay until the start)
+
+Who changes it: start and stop, which await, hold the backend's lock from the first change to the last.
+The one change made outside the lock is READY -> FAILED (an exit noticed by the watcher, or a request
+that found the backend broken): it is synchronous, no await between the check and the write, and no
+locked section is ever suspended in READY (each leaves READY by its first step, before it awaits), so it
+cannot interleave with one.
 
 `ensure_ready()`: READY -> return; STOPPED/FAILED -> start (FAILED: 503 while backing off);
 STARTING -> wait for that start; STOPPING -> wait, then start.
@@ -16,10 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -31,17 +41,19 @@ from typing import Any
 
 import httpx
 
+from app.backends.connections import Connection, Heartbeat, Preconnected, open_connection
 from app.backends.logs import BackendLog, pump_stream
 from app.blas import plan as blas_plan
 from app.errors import BackendStartFailed, ModelUnavailable
 from app.models.sources import SourceStatus
 from app.profiles import BackendSpec
-from app.proxy.upstream import Preconnected
 
 logger = logging.getLogger("specgate.backend")
 
 LAUNCHER_COMMAND = (sys.executable, "-m", "app.launcher")
-_PR_SET_PDEATHSIG = 1
+# The backend's guard (app/backends/guard.py): the direct child, so that nothing the command starts, at any
+# depth, outlives the gateway. Run by path, isolated and without site packages: it needs the stdlib only.
+GUARD_COMMAND = (sys.executable, "-I", "-S", str(Path(__file__).with_name("guard.py")))
 
 
 class BackendState(enum.Enum):
@@ -50,6 +62,19 @@ class BackendState(enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+
+
+# Every allowed change of state (the diagram in the module docstring); `Backend._become` refuses the rest.
+TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
+    BackendState.STOPPED: frozenset({BackendState.STARTING}),
+    BackendState.STARTING: frozenset({BackendState.READY, BackendState.FAILED, BackendState.STOPPED}),
+    BackendState.READY: frozenset({BackendState.STOPPING, BackendState.FAILED}),
+    BackendState.STOPPING: frozenset({BackendState.STOPPED, BackendState.FAILED}),
+    BackendState.FAILED: frozenset({BackendState.STARTING, BackendState.STOPPING}),
+}
+
+# States in which the backend's process holds (or may still hold) its memory: what the pool's cap counts.
+HOLDS_A_PROCESS = frozenset({BackendState.STARTING, BackendState.READY, BackendState.STOPPING})
 
 
 @dataclass
@@ -92,12 +117,44 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child: own process group, and SIGKILL when the gateway dies, even by SIGKILL."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def exit_status_now(process: asyncio.subprocess.Process) -> tuple[bool, int | None]:
+    """(exited, code) of a child process, asked of the kernel now, without reaping it.
+
+    asyncio learns of an exit late: a watcher thread reaps it, then the loop runs the callback, and
+    `wait()` returns only once the pipes have closed too. `waitid(..., WNOWAIT)` sees a dead child at once
+    and leaves the reaping to asyncio. Where it is missing (macOS before Python 3.13), only asyncio's
+    notice counts.
+    """
+    if process.returncode is not None:
+        return True, process.returncode
+    if not hasattr(os, "waitid"):
+        return False, None
+    try:
+        result = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True, None  # already reaped by asyncio's watcher; its callback has not run yet
+    if result is None:
+        return False, None
+    return True, result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
+
+
+def pid_gone(pid: int) -> bool:
+    """Whether a process that is not our child (the guard's) has ended: it is gone, or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (macOS): a zombie counts as alive here, until its guard reaps it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    # The state follows the command name, which is in parentheses and may contain anything.
+    return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] in (b"Z", b"X")
 
 
 class Backend:
@@ -116,9 +173,11 @@ class Backend:
         self.timing = timing
         self._resolve = resolve
         self._http = http
-        self.state = BackendState.STOPPED
+        self._state = BackendState.STOPPED
         self.port: int | None = None
+        # The guard (app/backends/guard.py); the backend command is its child, `command_pid`.
         self.process: asyncio.subprocess.Process | None = None
+        self.command_pid: int | None = None
         self.log = BackendLog(name, timing.log_lines)
         self.log.on_event = self._on_event
         self.crashes = CrashHistory()
@@ -130,11 +189,15 @@ class Backend:
         # What the backend found serving its matmuls (the launcher's `blas` event); None until it says.
         self.blas: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
+        self._starting: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected_exit = False
-        self._exit_seen = asyncio.Event()
+        # The process whose unexpected exit has been recorded: noticed once, by whoever sees it first.
+        self._exit_recorded: asyncio.subprocess.Process | None = None
         # The next request's connection, opened ahead (app/proxy/upstream.py); only while READY.
         self.connections: Preconnected | None = None
+        # When the process last sent a byte to any request: a busy backend is not a hung one (app/proxy/relay.py).
+        self.heartbeat = Heartbeat()
 
     # ----- public API ---------------------------------------------------------------------
 
@@ -142,9 +205,25 @@ class Backend:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    # What the proxy uses (app/backends/connections.py's BackendEndpoint): name, address, heartbeat,
+    # connect and note_broken.
+
+    @property
+    def address(self) -> tuple[str, int]:
+        # Port 0 before the first start: a connect there fails like one to a stopped backend.
+        return "127.0.0.1", self.port or 0
+
+    async def connect(self) -> Connection:
+        """A connection for one request: the spare opened ahead while READY, else a fresh one."""
+        spare = self.connections
+        if spare is not None:
+            return await spare.take()
+        return await open_connection(*self.address)
+
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        """The backend command's pid (its guard's child), once the guard has said it."""
+        return self.command_pid if self.process is not None else None
 
     @property
     def blas_summary(self) -> str | None:
@@ -153,21 +232,68 @@ class Backend:
         return str(summary) if summary is not None else None
 
     @property
+    def state(self) -> BackendState:
+        """Read-only: `_become` is the one writer."""
+        return self._state
+
+    @property
     def is_running(self) -> bool:
-        return self.state in (BackendState.STARTING, BackendState.READY)
+        return self._state in (BackendState.STARTING, BackendState.READY)
+
+    @property
+    def holds_a_process(self) -> bool:
+        """Starting, ready or still stopping: its memory is not free yet (the pool's cap counts it)."""
+        return self._state in HOLDS_A_PROCESS
+
+    def _become(self, new: BackendState) -> bool:
+        """The one write of the state: a change the table allows, or none (refused, logged, False)."""
+        old = self._state
+        if new not in TRANSITIONS[old]:
+            message = f"refused state change {old.value} -> {new.value} (not in the transition table)"
+            self.log.append("gateway", message)
+            logger.error("backend %s: %s", self.name, message)
+            return False
+        self._state = new
+        return True
 
     async def ensure_ready(self) -> None:
-        """Return once the backend can take a request; start it if needed."""
+        """Return once the backend can take a request; start it if needed.
+
+        The start runs as a task of its own that the requests waiting for it share: a client that leaves
+        stops waiting, but does not cancel the start. Cancelled with its first requester, a start that takes
+        longer than clients are patient would be killed and begun again by each, and never finish; and a
+        model load is worth finishing for the next request. (Unused, the backend unloads after its TTL.)
+        """
         if self.state is BackendState.READY:
             return
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_when_free())
+            # Retrieve the outcome even if every requester has left (no "exception never retrieved").
+            self._starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+        starting = self._starting
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if starting.cancelled() and caller is not None and not caller.cancelling():
+                # Not this request's cancellation: `stop` abandoned the start (shutdown, profiles removed).
+                raise BackendStartFailed(f"backend {self.name} was stopped while it started") from None
+            raise
+
+    async def _start_when_free(self) -> None:
         async with self._lock:
-            # Another request may have finished the start while this one waited for the lock.
-            if self._is_ready():
-                return
-            await self._start_locked()
+            # Another start may have finished while this one waited for the lock.
+            if not self._is_ready():
+                await self._start_locked()
 
     async def stop(self, reason: str = "stopped") -> None:
-        """SIGTERM the process group, SIGKILL after the grace period, await the exit."""
+        """SIGTERM the process group, SIGKILL after the grace period, await the exit. A start under way is
+        abandoned (the gateway is shutting down, or the backend's profiles are gone)."""
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
         async with self._lock:
             await self._stop_locked(reason)
 
@@ -183,25 +309,50 @@ class Backend:
         self.touch()
 
     def note_broken(self, reason: str) -> None:
-        """A request saw the backend fail (e.g. its generation thread died): restart next time."""
-        if self.state is BackendState.READY:
-            self.log.append("gateway", f"backend marked broken: {reason}")
-            self.failure = reason
+        """A request saw the backend fail (its generation thread died, it hung): it takes no more requests
+        from now on (FAILED, counted as a crash), its processes are killed, and the next request restarts it."""
+        process = self.process
+        if self.state is BackendState.READY and process is not None:
             self._kill_now()
+            self._record_exit(process, f"marked broken: {reason}")
 
-    async def exited_since_ready(self, within: float = 1.0) -> bool:
-        """Whether the process has died (waiting up to `within` s for the exit to be reaped), and the state
-        no longer claims READY. For a request whose connection failed before any answer: a backend killed
-        between two requests is noticed by `_watch` only once its exit is reaped, which can be after the
-        next request already tried to connect."""
-        if self.process is None:
-            return self.state is not BackendState.READY
-        try:
-            # Set by `_watch` once it has reaped the exit and recorded the crash.
-            await asyncio.wait_for(self._exit_seen.wait(), within)
-        except TimeoutError:
-            return False  # alive: the connection failed for another reason
-        return self.state is not BackendState.READY
+    def notice_if_gone(self) -> bool:
+        """For a request whose connection to the backend just broke: if the backend is gone, record it now,
+        before the request hands its slot on, so the next request restarts the backend instead of connecting
+        to a dead port. The kernel knows at once; asyncio hears of the exit later (and the guard exits only
+        after it has cleaned up after the command)."""
+        process = self.process
+        if process is None:
+            return True
+        gone, code = self._gone_now(process)
+        if gone:
+            self._on_exit(process, code)
+        return gone
+
+    async def has_exited(self, process: asyncio.subprocess.Process | None, within: float = 5.0) -> bool:
+        """Whether `process`, the one a request was just sent to, is gone: it has exited, or the backend has
+        been stopped or restarted since. Waits up to `within` s for a process on its way out (the sockets
+        of a killed process close before the kernel reports its exit). An exit found here is recorded at
+        once, so the next `ensure_ready` restarts the backend instead of sending more requests to it."""
+        deadline = time.monotonic() + within
+        while process is not None and process is self.process:
+            gone, code = self._gone_now(process)
+            if gone:
+                self._on_exit(process, code)
+                return True
+            if time.monotonic() >= deadline:
+                return False  # alive: the connection failed for another reason
+            await asyncio.sleep(0.01)
+        return True
+
+    def _gone_now(self, process: asyncio.subprocess.Process) -> tuple[bool, int | None]:
+        """(gone, exit code if known): the guard has exited, or the command it runs has."""
+        exited, code = exit_status_now(process)
+        if exited:
+            return True, code
+        if self.command_pid is not None and pid_gone(self.command_pid):
+            return True, None
+        return False, None
 
     def retry_in(self) -> float:
         return max(0.0, self.crashes.retry_at - time.monotonic())
@@ -218,7 +369,7 @@ class Backend:
         if self.process is not None:
             await self._stop_locked("restarting")
         argv, env = self._command()
-        self.state = BackendState.STARTING
+        self._become(BackendState.STARTING)
         self.started_at = time.monotonic()
         self.load_seconds = None
         self.failure = None
@@ -232,10 +383,11 @@ class Backend:
             raise
         except BaseException:
             await self._kill_and_wait()
-            self.state = BackendState.STOPPED
+            self._become(BackendState.STOPPED)
             raise
-        self.state = BackendState.READY
+        self._become(BackendState.READY)
         self.connections = Preconnected("127.0.0.1", self.port) if self.port is not None else None
+        self.heartbeat = Heartbeat()
         self.ready_at = time.monotonic()
         if self.load_seconds is None and self.started_at is not None:
             self.load_seconds = self.ready_at - self.started_at
@@ -293,19 +445,25 @@ class Backend:
 
     async def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
         self._expected_exit = False
-        self._exit_seen = asyncio.Event()
+        self.command_pid = None
+        if shutil.which(argv[0], path=env.get("PATH")) is None:
+            raise BackendStartFailed(f"cannot run {argv[0]!r}: no such program")
         try:
+            # The guard runs the command. Its stdin is a pipe that the gateway holds open and never writes:
+            # end-of-file there is how the guard learns that the gateway is gone, however it died. A new
+            # session: its process group is what a stop signals, and the set of processes the guard kills.
             self.process = await asyncio.create_subprocess_exec(
+                *GUARD_COMMAND,
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                preexec_fn=_die_with_parent,
+                start_new_session=True,
                 limit=1024 * 1024,
             )
         except OSError as error:
-            raise BackendStartFailed(f"cannot run {argv[0]!r}: {error.strerror}") from error
+            raise BackendStartFailed(f"cannot run the backend guard: {error.strerror}") from error
         process = self.process
         assert process.stdout is not None
         assert process.stderr is not None
@@ -319,22 +477,22 @@ class Backend:
         task.add_done_callback(self._tasks.discard)
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
-        """Notice an unexpected exit at once, so the state never claims a dead process is ready."""
-        exit_seen = self._exit_seen
-        try:
-            self._on_exit(process, await process.wait())
-        finally:
-            exit_seen.set()
+        """Notice an unexpected exit, so the state never claims a dead process is ready."""
+        self._on_exit(process, await process.wait())
 
-    def _on_exit(self, process: asyncio.subprocess.Process, code: int) -> None:
-        if self._expected_exit or process is not self.process:
+    def _on_exit(self, process: asyncio.subprocess.Process, code: int | None) -> None:
+        self._record_exit(process, "exited" if code is None else f"exited with code {code}")
+
+    def _record_exit(self, process: asyncio.subprocess.Process, reason: str) -> None:
+        """An unexpected end of `process` (it died, or was killed as broken): recorded once per process."""
+        if self._expected_exit or process is not self.process or process is self._exit_recorded:
             return
-        reason = f"exited with code {code}"
+        self._exit_recorded = process
         self.log.append("gateway", f"backend {reason}")
         self._close_connections()
         if self.state is BackendState.READY:
             self._record_crash(reason)
-            self.state = BackendState.FAILED
+            self._become(BackendState.FAILED)
             self.failure = f"{reason}: {self.log.failure_reason()}"
 
     async def _wait_ready(self) -> None:
@@ -392,7 +550,7 @@ class Backend:
     async def _fail_start(self, reason: str) -> None:
         await self._kill_and_wait()
         self._record_crash(reason)
-        self.state = BackendState.FAILED
+        self._become(BackendState.FAILED)
         self.failure = reason
         logger.error("%s", reason)
 
@@ -410,14 +568,15 @@ class Backend:
 
     async def _stop_locked(self, reason: str) -> None:
         if self.process is None:
-            if self.state is not BackendState.FAILED:
-                self.state = BackendState.STOPPED
+            # Nothing to stop. A start that failed before its process ran stays FAILED (its back-off holds).
+            if self.state is BackendState.STARTING:
+                self._become(BackendState.STOPPED)
             return
         was_failed = self.state is BackendState.FAILED
-        self.state = BackendState.STOPPING
+        self._become(BackendState.STOPPING)
         self.log.append("gateway", f"stopping ({reason})")
         await self._kill_and_wait()
-        self.state = BackendState.FAILED if was_failed and reason == "restarting" else BackendState.STOPPED
+        self._become(BackendState.FAILED if was_failed and reason == "restarting" else BackendState.STOPPED)
 
     def _close_connections(self) -> None:
         if self.connections is not None:
@@ -454,7 +613,12 @@ class Backend:
     # ----- launcher events ------------------------------------------------------------------
 
     def _on_event(self, event: dict[str, object]) -> None:
-        if event.get("event") == "loaded":
+        if event.get("event") == "spawned":
+            pid = event.get("pid")
+            # The guard's line comes first; a later one (printed by the command itself) changes nothing.
+            if isinstance(pid, int) and self.command_pid is None:
+                self.command_pid = pid
+        elif event.get("event") == "loaded":
             seconds = event.get("load_seconds")
             if isinstance(seconds, int | float):
                 self.load_seconds = float(seconds)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 
 class BenchError(Exception):
@@ -188,7 +189,7 @@ def stream_chat(http: httpx.Client, url: str, body: dict[str, Any], sample: Samp
                 sample.error = _error_message(response)
                 return sample
             _read_stream(response, sample, started)
-    except httpx.TransportError as error:
+    except (httpx.TransportError, SSEError) as error:
         sample.error = f"{type(error).__name__}: {error}"
         return sample
     sample.e2e = time.perf_counter() - started
@@ -201,15 +202,13 @@ def _read_stream(response: httpx.Response, sample: Sample, started: float) -> No
     text: list[str] = []
     tools = _ToolCallAssembler()
     done = False
-    for line in response.iter_lines():
-        if not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
+    # Comments (the gateway's `: queued`, `: prompt n/m`) are no events: they never count as output.
+    for event in EventSource(response).iter_sse():
+        if event.data == "[DONE]":
             done = True
             break
         now = time.perf_counter()
-        chunk = json.loads(payload)
+        chunk = json.loads(event.data)
         if "error" in chunk and not chunk.get("choices"):
             error = chunk["error"]
             sample.error = str(error.get("message", error) if isinstance(error, dict) else error)

@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from app.bench.arguments import DEFAULT_URL, profile_names, write_output
 from app.bench.client import BenchError, Sample, normalize_url
 from app.bench.prompts import five_queries
 from app.bench.runner import Arm, BenchConfig, BenchRun, Runner
@@ -158,13 +159,12 @@ def markdown_report(results: list[ProfileDecisions]) -> str:
 
 
 def cmd_discrimination(args: argparse.Namespace) -> int:
-    from app.bench.cli import _names, _write
     from app.bench.runner import stderr_progress
 
     config = BenchConfig(
         url=normalize_url(args.url),
         prompts=five_queries(with_tools=True),
-        profiles=[name for group in args.profiles or [] for name in _names(group)] or None,
+        profiles=profile_names(args.profiles),
         baseline=args.baseline,
         repetitions=1,
         warmup=1,
@@ -187,9 +187,9 @@ def cmd_discrimination(args: argparse.Namespace) -> int:
             "profiles": [result.as_dict() for result in results],
             "samples": [sample.as_dict() for sample in run.samples],
         }
-        _write(args.json, json.dumps(document, indent=2))
+        write_output(args.json, json.dumps(document, indent=2))
     if args.markdown:
-        _write(args.markdown, markdown_report(results))
+        write_output(args.markdown, markdown_report(results))
     if "-" not in (args.json, args.markdown):
         print(text_report(results))
         print(f"load average before {run.load_before}, after {run.load_after}")
@@ -198,8 +198,6 @@ def cmd_discrimination(args: argparse.Namespace) -> int:
 
 
 def register(commands: Any) -> None:
-    from app.bench.cli import DEFAULT_URL
-
     parser = commands.add_parser(
         "discrimination",
         aliases=["tools"],

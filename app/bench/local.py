@@ -103,10 +103,10 @@ def _start_backend(url: str, profile: str) -> int:
 
 
 def _start_relay(upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
-    """A bare byte relay (app/bench/relay.py) in front of a backend: the floor of any proxy hop."""
+    """A bare byte relay (app/bench/tcp_relay.py) in front of a backend: the floor of any proxy hop."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.bench.relay", str(port), str(upstream_port)],
+        [sys.executable, "-m", "app.bench.tcp_relay", str(port), str(upstream_port)],
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )

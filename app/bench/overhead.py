@@ -1,7 +1,7 @@
 """`specgate bench overhead`: what the gateway adds, measured in one run against the same backends.
 
 Each phase sends the same request stream directly to a backend, through the gateway, and through a bare
-byte relay (app/bench/relay.py), rotating the order so that machine noise falls on every path alike:
+byte relay (app/bench/tcp_relay.py), rotating the order so that machine noise falls on every path alike:
 
 1. a real backend (the launcher on a tiny model, ~1000 tokens/sec): time to first token and token
    throughput, one request at a time;
@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.bench import machine
+from app.bench.arguments import write_output
 from app.bench.client import BenchError
 from app.bench.local import INSTANT, REAL, TINY, LocalGateway, local_gateway
 from app.bench.rawhttp import Timing, post_stream
-from app.bench.stats import percentile
+from app.bench.report import markdown_table, text_table
+from app.bench.sample_stats import percentile
 
 GOAL_ADDED_P50_C1_MS = 0.5
 GOAL_ADDED_P99_C16_MS = 5.0
@@ -456,16 +458,12 @@ def goal_lines(result: OverheadResult) -> list[str]:
 
 
 def text_report(result: OverheadResult) -> str:
-    from app.bench.report import _table
-
-    return _table(overhead_rows(result)) + "\n\n" + "\n".join(goal_lines(result))
+    return text_table(overhead_rows(result)) + "\n\n" + "\n".join(goal_lines(result))
 
 
 def markdown_report(result: OverheadResult) -> str:
-    from app.bench.report import _markdown_table
-
     notes = "\n".join(f"- {line}" for line in goal_lines(result))
-    return _markdown_table(overhead_rows(result)) + "\n\n" + notes + "\n"
+    return markdown_table(overhead_rows(result)) + "\n\n" + notes + "\n"
 
 
 # ----- command line -----------------------------------------------------------------------------------
@@ -482,8 +480,6 @@ def _concurrency(text: str) -> list[int]:
 
 
 def cmd_overhead(args: argparse.Namespace) -> int:
-    from app.bench.cli import _write
-
     config = OverheadConfig(
         requests=args.requests,
         tokens=args.tokens,
@@ -506,9 +502,9 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         print(f"specgate bench overhead: {error}", file=sys.stderr)
         return 1
     if args.json:
-        _write(args.json, json.dumps(result.as_dict(), indent=2))
+        write_output(args.json, json.dumps(result.as_dict(), indent=2))
     if args.markdown:
-        _write(args.markdown, markdown_report(result))
+        write_output(args.markdown, markdown_report(result))
     if "-" not in (args.json, args.markdown):
         print(text_report(result))
     return 0

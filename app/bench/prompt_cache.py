@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from app.bench import machine
+from app.bench.arguments import write_output
 from app.bench.client import BenchError, Sample, backend_blas, stream_chat
 from app.bench.local import serve
 
@@ -244,8 +245,6 @@ def _fmt(value: float | None) -> str:
 
 
 def cmd_prompt_cache(args: argparse.Namespace) -> int:
-    from app.bench.cli import _write
-
     config = PromptCacheConfig(
         profile=args.profile,
         profiles_dir=args.profiles_dir,
@@ -263,7 +262,7 @@ def cmd_prompt_cache(args: argparse.Namespace) -> int:
         print(f"specgate bench prompt-cache: {error}", file=sys.stderr)
         return 1
     if args.json:
-        _write(args.json, json.dumps(result.as_dict(), indent=2))
+        write_output(args.json, json.dumps(result.as_dict(), indent=2))
     if args.json != "-":
         print(text_report(result))
     return 0

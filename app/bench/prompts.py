@@ -35,11 +35,6 @@ class Prompt:
     tools: list[dict[str, Any]] | None = None
     expect: Expectation | None = None
 
-    @property
-    def preview(self) -> str:
-        text = str(self.messages[-1].get("content", ""))
-        return text if len(text) <= 60 else text[:57] + "..."
-
 
 @dataclass(frozen=True)
 class PromptSet:

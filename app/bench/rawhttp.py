@@ -5,6 +5,8 @@ the client shares with the gateway and the backend. A full client library spends
 than the difference being measured; this one does only what timing needs: one connection per request
 (`Connection: close`, as mlx_lm.server's HTTP/1.0 forces on the direct path anyway), the arrival of the
 first SSE `data:` event, the arrival of `[DONE]`, and the usage chunk's token count.
+It decodes no SSE events (app/bench/client.py does, with httpx-sse): it notes when the bytes `data:` and
+`[DONE]` arrive, and reads the token count from the body once it is complete.
 """
 
 from __future__ import annotations

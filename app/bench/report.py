@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from app.bench.results import ArmResult, BenchResult, Equality, SweepResult
-from app.bench.stats import Summary
+from app.bench.sample_stats import Summary
 
 HEADER = ["ARM", "N", "DECODE TOK/S", "TTFT S", "E2E S", "ACCEPT", "MAL", "SPEED-UP", "GREEDY = BASELINE"]
 
@@ -72,13 +72,13 @@ def sweep_rows(sweep: SweepResult) -> list[list[str]]:
     return rows
 
 
-def _table(rows: Sequence[Sequence[str]]) -> str:
+def text_table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
 
 
-def _markdown_table(rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows[1:]]
     return "\n".join(lines)
@@ -130,9 +130,9 @@ def _footer(result: BenchResult) -> list[str]:
 
 
 def text_report(result: BenchResult) -> str:
-    parts = [_table([HEADER, *arm_rows(result)])]
+    parts = [text_table([HEADER, *arm_rows(result)])]
     for sweep in result.sweeps:
-        parts.append(f"\nsweep of num_draft_tokens for {sweep.profile}:\n" + _table(sweep_rows(sweep)))
+        parts.append(f"\nsweep of num_draft_tokens for {sweep.profile}:\n" + text_table(sweep_rows(sweep)))
         parts.append(f"-> {sweep.verdict}")
     parts.append("")
     parts.extend(_footer(result))
@@ -140,9 +140,9 @@ def text_report(result: BenchResult) -> str:
 
 
 def markdown_report(result: BenchResult) -> str:
-    parts = [_markdown_table([HEADER, *arm_rows(result)])]
+    parts = [markdown_table([HEADER, *arm_rows(result)])]
     for sweep in result.sweeps:
-        parts.append(f"\nSweep of `num_draft_tokens` for `{sweep.profile}`:\n\n" + _markdown_table(sweep_rows(sweep)))
+        parts.append(f"\nSweep of `num_draft_tokens` for `{sweep.profile}`:\n\n" + markdown_table(sweep_rows(sweep)))
         parts.append(f"\n**{sweep.verdict}**")
     parts.append("")
     parts.extend(f"- {line}" for line in _footer(result))

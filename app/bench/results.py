@@ -9,7 +9,7 @@ from typing import Any
 
 from app.bench.client import Sample
 from app.bench.runner import Arm, BenchRun
-from app.bench.stats import Summary, paired_speedup, speedup, summarize
+from app.bench.sample_stats import Summary, paired_speedup, speedup, summarize
 
 SNIPPET = 40
 

@@ -12,15 +12,18 @@ from typing import Any
 
 from mlx_lm import server
 
+from app.launcher.abandon import watching_speculative_step
 from app.launcher.cache_fixes import FixedPromptCache
 from app.launcher.disk_tier import DiskTier, DiskTieredPromptCache, launcher_numerics
 from app.launcher.generation import (
+    AbandonAwareTimeBudget,
     SpecgateResponseGenerator,
+    WatchedGenerationContext,
     counting_batch_generator,
     counting_stream_generate,
     current_request_stats,
 )
-from app.launcher.handler import handler_class
+from app.launcher.http_handler import handler_class
 from app.launcher.loading import casting_load, model_provider_class
 from app.launcher.lookup import dispatching_speculative_step
 from app.launcher.options import LauncherOptions
@@ -47,10 +50,18 @@ def install(
     _server.stream_generate = counting_stream_generate(_server.stream_generate, counters, options.prompt_lookup)
     _server.BatchGenerator = counting_batch_generator(_server.BatchGenerator, counters)
     _server.ResponseGenerator = SpecgateResponseGenerator
+    # A client gone mid-prompt stops the prefill (abandon.py): the batch generator asks the context.
+    _server.GenerationContext = WatchedGenerationContext
+    WatchedGenerationContext.counters = counters
+    _server.TimeBudget = AbandonAwareTimeBudget
+    AbandonAwareTimeBudget.counters = counters
     # Prompt lookup: `stream_generate` calls this name for any draft; ours runs the n-gram drafter.
     SpecgateResponseGenerator.prompt_lookup = options.prompt_lookup
     SpecgateResponseGenerator.single_stream = options.single_stream
-    _generate.speculative_generate_step = dispatching_speculative_step(_generate.speculative_generate_step)
+    # Both speculative paths prefill in chunks with no progress callback: the watch wraps their models.
+    _generate.speculative_generate_step = watching_speculative_step(
+        dispatching_speculative_step(_generate.speculative_generate_step)
+    )
     # `run` ignores its own `handler_class` argument and calls `_run_http_server` with the default.
     _server._run_http_server = functools.partial(_server._run_http_server, handler_class=handler_class(counters))
     if not options.cache_fixes:

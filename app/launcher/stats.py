@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from app.launcher.client_watch import ClientWatch
+
 T = TypeVar("T")
 
 
@@ -90,16 +92,58 @@ class RequestStats:
     """
 
     request_id: str | None
+    # The request's connection (None where there is no socket to watch).
+    client: ClientWatch | None = None
     speculation: SpeculationCounter | None = None
+    arrived_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0
+    # Prompt processing, written by the generation thread at every prefill chunk: tokens of the prompt
+    # after its cached prefix (`total`), and how many of them are processed.
+    prompt_processed: int = 0
+    prompt_total: int | None = None
+    # Its prompt processing was stopped because the client had gone.
+    abandoned: bool = False
     # Of the cached prompt tokens, those the disk tier restored (app/launcher/disk_tier.py).
     disk_cached_tokens: int = 0
 
     def mark_started(self) -> None:
         self.started_at = time.perf_counter()
+
+    def prompt_progress(self, processed: int, total: int) -> None:
+        self.prompt_processed = processed
+        self.prompt_total = total
+
+    def client_gone(self) -> bool:
+        return self.client is not None and self.client.gone()
+
+    @property
+    def in_prompt(self) -> bool:
+        """Between the start of its prompt processing and its first token."""
+        return self.prompt_total is not None and self.prompt_processed < self.prompt_total and self.tokens == 0
+
+    @property
+    def phase(self) -> str:
+        """`queued` (not taken by the generation thread yet), `prompt`, `generating`, or `abandoned` (its
+        prompt stopped, its handler not yet gone)."""
+        if self.abandoned:
+            return "abandoned"
+        if self.tokens > 0 or (self.prompt_total is not None and self.prompt_processed >= self.prompt_total):
+            return "generating"
+        return "queued" if self.prompt_total is None else "prompt"
+
+    def activity(self) -> dict[str, Any]:
+        """What this request is doing now, for `/specgate/stats`."""
+        return {
+            "request_id": self.request_id,
+            "phase": self.phase,
+            "prompt_processed": self.prompt_processed,
+            "prompt_total": self.prompt_total,
+            "tokens": self.tokens,
+            "seconds": round(time.perf_counter() - self.arrived_at, 3),
+        }
 
     def mark_token(self) -> None:
         now = time.perf_counter()
@@ -140,23 +184,44 @@ def _seconds(start: float | None, end: float | None) -> float:
 
 
 class BackendCounters:
-    """Backend-wide counters served at `GET /specgate/stats`; safe to update from any thread."""
+    """Backend-wide counters and the requests in progress, served at `GET /specgate/stats`; safe to
+    update from any thread."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests_started = 0
         self._requests_finished = 0
         self._tokens_generated = 0
+        self._prefills_abandoned = 0
+        self._prefill_tokens_skipped = 0
+        # Keyed by identity: request ids are the client's and need not be unique.
+        self._active: dict[int, RequestStats] = {}
         self._dtypes: dict[str, str | None] = {"model_dtype": None, "draft_dtype": None}
         self._sections: dict[str, Callable[[], dict[str, Any]]] = {}
 
-    def request_started(self) -> None:
+    def request_started(self, stats: RequestStats) -> None:
         with self._lock:
             self._requests_started += 1
+            self._active[id(stats)] = stats
 
-    def request_finished(self) -> None:
+    def request_finished(self, stats: RequestStats) -> None:
         with self._lock:
             self._requests_finished += 1
+            self._active.pop(id(stats), None)
+
+    @property
+    def prefills_abandoned(self) -> int:
+        return self._prefills_abandoned
+
+    def prefill_abandoned(self, stats: RequestStats) -> None:
+        """Count a prompt whose processing stops because its client left (once per request)."""
+        with self._lock:
+            if stats.abandoned:
+                return
+            stats.abandoned = True
+            self._prefills_abandoned += 1
+            if stats.prompt_total is not None:
+                self._prefill_tokens_skipped += max(stats.prompt_total - stats.prompt_processed, 0)
 
     def add_tokens(self, count: int) -> None:
         with self._lock:
@@ -177,6 +242,9 @@ class BackendCounters:
                 "requests_finished": self._requests_finished,
                 "tokens_generated": self._tokens_generated,
                 "active_requests": self._requests_started - self._requests_finished,
+                "prefills_abandoned": self._prefills_abandoned,
+                "prefill_tokens_skipped": self._prefill_tokens_skipped,
+                "requests": [stats.activity() for stats in self._active.values()],
                 **self._dtypes,
             }
         return {**counters, **{name: snapshot() for name, snapshot in self._sections.items()}}

@@ -7,6 +7,13 @@ safetensors shards, so memory stays near one chunk plus the largest llama q/k te
 What has to be undone from llama.cpp's conversion (see docs/architecture.md, model sources):
 tensor names, dimension order (GGUF lists the innermost dimension first; the reader already
 gives NumPy order), and for `llama` the rotary row permutation of q and k.
+
+Why by hand: nothing the project installs turns a GGUF into a model directory without PyTorch. mlx_lm
+writes GGUF but cannot read one into a model; `mlx.core.load` reads GGUF but keeps only Q4_0, Q4_1 and
+Q8_0 (on mlx 0.32.4 a Q5_0 tensor, as in the catalog's Qwen2.5-Coder-0.5B, fails with "[load_gguf]
+gguf_tensor_to_f16 failed"); transformers' GGUF loader imports torch, a large dependency for a gateway
+whose backends run MLX, and dequantizes every tensor into memory at once. llama.cpp's own `gguf` package
+dequantizes every quant type to NumPy, so this importer needs only it and numpy, one chunk at a time.
 """
 
 from __future__ import annotations

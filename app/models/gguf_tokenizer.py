@@ -5,6 +5,12 @@ A GGUF carries the vocabulary, the merges, the token types and the name of the p
 byte-level BPE (`tokenizer.ggml.model = gpt2`) is rebuilt: it is what Qwen2, SmolLM, Llama 3 and
 most current models use. The split patterns below are the ones in those models' own
 `tokenizer.json` files, which is what the models were trained with.
+
+Why by hand: transformers can build a tokenizer from a GGUF (`AutoTokenizer.from_pretrained(dir,
+gguf_file=...)`), but its GGUF reader imports torch, and without it the call fails ("No module named
+'torch'" with transformers 5.24). PyTorch is not a dependency (the backends run MLX), so the tokenizer
+is built with the `tokenizers` package, which transformers itself wraps, and then checked against how
+transformers loads the result (`_check_as_loaded`).
 """
 
 from __future__ import annotations

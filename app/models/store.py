@@ -38,8 +38,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 # dtype is a profile's choice: the launcher casts at load (`--dtype float32` is fastest on a CPU).
 DEFAULT_DTYPE = "float16"
 STORE_ENV = "SPECGATE_MODEL_STORE"
-# Below the store root: the backends' prompt caches on disk (the default of SPECGATE_PROMPT_CACHE_DIR).
-PROMPT_CACHE_DIR = ".prompt-cache"
 # Names become directory names; keep them portable and free of path tricks.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 

@@ -68,7 +68,15 @@ def _config_facts(model_dir: str) -> tuple[int | None, int | None]:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None, None
-    return _positive_int(config, "max_position_embeddings"), _positive_int(config, "vocab_size")
+    # Multimodal models keep the language model's sizes under text_config.
+    text = config.get("text_config") if isinstance(config, dict) else None
+    positions = _positive_int(config, "max_position_embeddings") or _positive_int(text, "max_position_embeddings")
+    return positions, _positive_int(config, "vocab_size") or _positive_int(text, "vocab_size")
+
+
+async def model_sizes(model_dir: str) -> tuple[int | None, int | None]:
+    """(max_position_embeddings, vocab_size) of a local model: its context and the logits' width."""
+    return await _facts(_config_facts, model_dir)
 
 
 async def fit_top_k(model_dir: str | None, forward: dict[str, Any]) -> None:

@@ -1,8 +1,8 @@
 """The request path: profile -> admission (FIFO) -> backend ready -> upstream -> relay -> record.
 
 A client that leaves at any point stops the work: while queued it leaves the queue, while the
-backend starts it stops waiting, while generating the upstream socket closes (mlx_lm.server then
-stops within a few tokens).
+backend starts it stops waiting, otherwise the upstream socket closes: specgate's launcher then stops a
+prompt at the end of its current prefill chunk, and mlx_lm.server stops generating within a few tokens.
 
 Streaming requests get their headers once admitted (issue 16 item 2): clients such as OpenCode give up
 on a request whose headers take minutes (a long prompt on a CPU). Everything that can refuse a request
@@ -21,23 +21,32 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
-from app.adaptive import Plan, SpeculationPlanner
 from app.backends.pool import BackendPool, BackendSlot
-from app.errors import BackendDied, BodyTooLarge, ClientGone, GatewayError, InvalidRequest, ModelNotFound
+from app.errors import (
+    BackendDied,
+    BodyTooLarge,
+    ClientGone,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    Outcome,
+    internal_error,
+    outcome_of,
+)
 from app.profiles import Profile, ProfileSet
+from app.proxy.backend_fields import check_model_bounds
 from app.proxy.context import check_prompt_length, fit_top_k
+from app.proxy.plan import Planner, apply_plan
 from app.proxy.record import RequestRecord
 from app.proxy.relay import (
     RelayTimeouts,
@@ -54,18 +63,14 @@ from app.scheduler import Ticket
 
 logger = logging.getLogger("specgate.requests")
 T = TypeVar("T")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Observer = Callable[[RequestRecord], None]
 StartObserver = Callable[[RequestRecord, BackendSlot], None]
-RefusalObserver = Callable[[Profile | None, str], None]
+RefusalObserver = Callable[[Profile | None, Outcome], None]
 
 
-def request_id_for(request: Request) -> str:
-    """The client's X-Request-Id when it is sane, so logs line up across systems; else a new one."""
-    given = request.headers.get("x-request-id")
-    if given and _REQUEST_ID.match(given):
-        return given
-    return f"sg-{uuid.uuid4().hex[:20]}"
+def request_id_of(request: Request) -> str:
+    """The request's id: the edge (app/edge.py) decided it and left it as the one X-Request-Id header."""
+    return request.headers["x-request-id"]
 
 
 @dataclass
@@ -121,26 +126,34 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected while sending the request body") from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
-        # Only a \u escape can carry a lone surrogate; such a string cannot be sent on as UTF-8.
-        if b"\\ud" in raw.lower():
+        # Decoded here as UTF-8, strictly: json.loads(bytes) would also take UTF-16 and UTF-32 (and so read
+        # a lone surrogate past the check below), and the body goes on to the backend as UTF-8.
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_constant=_refuse_constant)
+        # Only a \u escape can carry a lone surrogate (strict UTF-8 has none); such a string cannot be sent on.
+        if "\\ud" in text.lower():
             _refuse_surrogates(value)
         return value
     except UnicodeDecodeError as error:
-        raise InvalidRequest("the request body is not valid UTF-8") from error
+        raise InvalidRequest(f"the request body is not valid UTF-8 (at byte {error.start})") from error
     except json.JSONDecodeError as error:
         raise InvalidRequest(
             f"invalid JSON in the request body: {error.msg} at line {error.lineno} column {error.colno}"
         ) from error
+    except ValueError as error:  # the only other one: an integer over Python's 4300-digit conversion limit
+        raise InvalidRequest("a number in the request body has too many digits") from error
     except RecursionError as error:
         raise InvalidRequest("the request body is nested too deeply") from error
 
@@ -172,12 +185,13 @@ class CompletionHandler:
     def __init__(
         self,
         pool: BackendPool,
-        http: httpx.AsyncClient,
+        planner: Planner,
         timeouts: RelayTimeouts,
         max_body_bytes: int,
     ) -> None:
         self.pool = pool
-        self.http = http
+        # `auto` draft lengths and routing to a baseline twin under contention (app/adaptive/planner.py).
+        self.planner = planner
         self.timeouts = timeouts
         self.max_body_bytes = max_body_bytes
         self.profiles = ProfileSet([])
@@ -185,7 +199,6 @@ class CompletionHandler:
         self.start_observers: list[StartObserver] = []
         # Called with (profile or None, outcome) for a request refused before it had a record.
         self.refusal_observers: list[RefusalObserver] = []
-        self.planner: SpeculationPlanner | None = None
         # Model value -> local directory (for the prompt-length check); set by the Gateway.
         self.model_dir: Callable[[str], str | None] = lambda value: None
 
@@ -203,22 +216,31 @@ class CompletionHandler:
             raise ModelNotFound(f"model {name!r} does not exist; available: {available}", param="model")
         return profile
 
-    async def handle(self, request: Request, kind: Kind) -> Response:
-        request_id = request_id_for(request)
+    @contextlib.asynccontextmanager
+    async def handle(self, request: Request, kind: Kind) -> AsyncIterator[Response]:
+        """The response to a completion request, as a context that the caller sends the response inside.
+
+        A request refused before admission raises here, on entry. Once admitted, the request's slot (its
+        ticket) and its upstream socket belong to this context: its exit releases them, whether the
+        response's body ran to its end, failed, or never started (a client gone before the body began:
+        the server never iterates a body then, so nothing inside the body could be relied on to release).
+        The normal ends release from the body itself, before the response's last write, so that a client
+        that has read a whole response finds its request in /metrics; the exit then has nothing left to do.
+        """
+        request_id = request_id_of(request)
         profile: Profile | None = None
         try:
             body = await read_json_body(request, self.max_body_bytes)
             profile = self.profile_for(body)
             backend_request = build_backend_request(kind, body, profile)
             model_dir = self.model_dir(profile.model)
+            await check_model_bounds(profile, model_dir, backend_request.body)
             await check_prompt_length(profile, model_dir, body)
             await fit_top_k(model_dir, backend_request.body)
             client_model = body["model"]
-            # `auto` draft lengths and routing to the baseline twin under contention (app/adaptive.py).
-            plan = (
-                self.planner.plan(profile, body, backend_request) if self.planner else Plan(self.pool.slot_for(profile))
-            )
-            slot = plan.slot
+            # The planner decides (k, routing to a twin); apply_plan alone writes the decision (app/proxy/plan.py).
+            plan = self.planner.plan(profile, body, backend_request)
+            slot = self.pool.slot_for(plan.profile)
             record = RequestRecord(
                 request_id=request_id,
                 profile=profile.name,
@@ -226,53 +248,42 @@ class CompletionHandler:
                 draft_model=profile.draft_model,
                 kind=kind,
                 streaming=backend_request.client_streams,
-                num_draft_tokens=backend_request.num_draft_tokens,
+                num_draft_tokens=plan.num_draft_tokens,
             )
-            plan.annotate(record)
+            apply_plan(plan, backend_request, record)
             ticket = slot.admission.admit(profile.name, profile.max_queue)
         except Exception as error:
             self._refused(profile, error)
             raise
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                slot.admission.release(ticket)
-                slot.backend.touch()
-
-        rewriter = StreamRewriter(backend_request, record, client_model)
-        headers = {"x-request-id": request_id}
-        if backend_request.client_streams:
-            # Headers now; the wait for a slot, the backend and the first token happen in the stream.
-            phase = Phase()
-            return StreamingResponse(
-                self._stream(
-                    partial(self._start, slot, ticket, backend_request, record, phase), phase, rewriter, slot, release
-                ),
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
+        exchange = Exchange(slot, ticket, StreamRewriter(backend_request, record, client_model))
+        start = partial(self._start, slot, ticket, backend_request, record)
         try:
-            upstream = await race_disconnect(request, self._start(slot, ticket, backend_request, record, Phase()))
+            if backend_request.client_streams:
+                # Headers now; the wait for a slot, the backend and the first token happen in the stream.
+                yield StreamingResponse(
+                    self._stream(exchange, start),
+                    media_type="text/event-stream",
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                )
+            else:
+                yield JSONResponse(await self._answer(request, exchange, start))
         except BaseException as error:
-            release()
-            self._finish(record, error)
+            if exchange.error is None:
+                exchange.error = error
             raise
-        try:
-            read = assemble if backend_request.upstream_streams else read_unstreamed
-            answer = await race_disconnect(request, read(upstream, rewriter, self.timeouts, client_model))
-        except BaseException as error:
-            self._finish(record, error)
-            raise
-        else:
-            slot.backend.mark_served()
-            self._finish(record, None)
         finally:
-            await upstream.aclose()
-            release()
-        return JSONResponse(answer, headers=headers)
+            await self._end(exchange)
+
+    async def _answer(
+        self, request: Request, exchange: Exchange, start: Callable[[Phase], Coroutine[Any, Any, UpstreamResponse]]
+    ) -> dict[str, Any]:
+        """A non-streaming answer: the backend's whole reply, read while the client waits for its status."""
+        rewriter = exchange.rewriter
+        exchange.upstream = await race_disconnect(request, start(Phase()))
+        read = assemble if rewriter.request.upstream_streams else read_unstreamed
+        answer = await race_disconnect(request, read(exchange.upstream, rewriter, self.timeouts, rewriter.client_model))
+        await self._end(exchange, finished=True)
+        return answer
 
     async def _start(
         self, slot: BackendSlot, ticket: Ticket, request: BackendRequest, record: RequestRecord, phase: Phase
@@ -285,71 +296,86 @@ class CompletionHandler:
         await self.pool.ensure_ready(slot)
         phase.name = "waiting"
         record.upstream_started = time.monotonic()
+        process = slot.backend.process
         try:
             return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
         except BackendDied:
-            # Nothing reached the backend's answer or the client yet. If the backend died since its last
-            # request (killed, crashed while idle), restart it and send this request once more instead of
-            # failing a request that never had a chance.
-            if not await slot.backend.exited_since_ready():
+            # No answer at all. If the process it went to has died, the request never reached generation:
+            # restart the backend and send it once more. That is the normal fate of requests queued behind
+            # a crash (each is handed its slot as soon as the request that saw the crash ends, before the
+            # exit is known), and of the first request after a backend was killed while idle.
+            if not await slot.backend.has_exited(process):
                 raise
+            logger.info(
+                "request %s: backend %s was gone before it answered; sending the request again once it has restarted",
+                record.request_id,
+                slot.backend.name,
+            )
             phase.name = "loading"
             await self.pool.ensure_ready(slot)
             phase.name = "waiting"
             return await open_upstream(slot.backend, request, record.request_id, self.timeouts)
 
     async def _stream(
-        self,
-        start: Callable[[], Coroutine[Any, Any, UpstreamResponse]],
-        phase: Phase,
-        rewriter: StreamRewriter,
-        slot: BackendSlot,
-        release: Callable[[], None],
+        self, exchange: Exchange, start: Callable[[Phase], Coroutine[Any, Any, UpstreamResponse]]
     ) -> AsyncIterator[bytes]:
-        record = rewriter.record
-        error: BaseException | None = None
-        upstream: UpstreamResponse | None = None
-        starting = asyncio.ensure_future(start())
+        """The body of a streaming response. It holds nothing of its own: the start it begins and the
+        upstream it opens are the exchange's, which `handle`'s context releases on every way out."""
+        record = exchange.record
+        phase = Phase()
+        starting = exchange.starting = asyncio.ensure_future(start(phase))
         try:
-            try:
-                while upstream is None:  # queued, loading, connecting: a sign of life every keep-alive step
-                    done, _ = await asyncio.wait((starting,), timeout=self.timeouts.keepalive)
-                    if done:
-                        upstream = starting.result()
-                    else:
-                        yield phase.comment()
-            except GatewayError as failed:
-                # The headers are out: the failure is the stream's last event (outcome recorded as before).
-                error = failed
-                yield sse_error(failed)
-                return
-            except Exception as bug:
-                logger.exception("unexpected error starting request %s", record.request_id)
-                error = bug
-                yield sse_error(GatewayError(f"internal error: {type(bug).__name__}"))
-                return
-            async for piece in relay_stream(upstream, rewriter, self.timeouts):
-                yield piece
-        except BaseException as caught:  # the client went away: the stream is cancelled or closed
-            error = caught
-            raise
-        finally:
-            if upstream is None:
-                upstream = await _abandon(starting)
-            # Closing the upstream socket is what stops mlx_lm.server from generating.
+            while exchange.upstream is None:  # queued, loading, connecting: a sign of life every keep-alive step
+                done, _ = await asyncio.wait((starting,), timeout=self.timeouts.keepalive)
+                if done:
+                    exchange.upstream = starting.result()
+                else:
+                    yield phase.comment()
+        except GatewayError as failed:
+            # The headers are out: the failure is the stream's last event (outcome recorded as before).
+            exchange.error = failed
+            yield sse_error(failed)
+            await self._end(exchange)
+            return
+        except Exception as bug:
+            logger.exception("unexpected error starting request %s", record.request_id)
+            exchange.error = bug
+            yield sse_error(internal_error(bug))
+            await self._end(exchange)
+            return
+        async for piece in relay_stream(exchange.upstream, exchange.rewriter, self.timeouts):
+            yield piece
+        await self._end(exchange, finished=True)
+
+    async def _end(self, exchange: Exchange, finished: bool = False) -> None:
+        """Release what the request holds, once: its start, its upstream socket (closing it is what stops
+        mlx_lm.server from generating), then its slot; then record how it ended. `finished`: the response
+        was produced to its end; an end without it or an error is a client that left."""
+        if exchange.ended:
+            return
+        exchange.ended = True
+        record = exchange.record
+        error = exchange.error
+        if error is None and not finished:
+            error = ClientGone("the client left before the response ended")
+        try:
+            upstream = exchange.upstream
+            if upstream is None and exchange.starting is not None:
+                upstream = await _abandon(exchange.starting)
             if upstream is not None:
                 await upstream.aclose()
-            release()
-            if error is not None:
-                self._finish(record, error)
-            else:
-                if record.outcome == "success":
-                    slot.backend.mark_served()
-                self._finish(record, None)
+        finally:
+            # Asked before the slot is handed on, so the next request restarts a dead backend (issue 19 item 10).
+            _notice_backend_failure(exchange.slot, error if error is not None else exchange.rewriter.failure)
+            exchange.slot.admission.release(exchange.ticket)
+            exchange.slot.backend.touch()
+            if error is None and record.outcome in ("success", "unknown"):
+                exchange.slot.backend.mark_served()
+            self._finish(record, error)
 
     def _refused(self, profile: Profile | None, error: Exception) -> None:
         """Refused before it was queued: no record, but /metrics still counts it by outcome."""
-        outcome = _outcome_for(error) if isinstance(error, GatewayError) else "internal_error"
+        outcome = outcome_of(error)
         for observe in self.refusal_observers:
             try:
                 observe(profile, outcome)
@@ -359,22 +385,41 @@ class CompletionHandler:
     def _finish(self, record: RequestRecord, error: BaseException | None) -> None:
         record.finished = time.monotonic()
         if error is not None:
-            if isinstance(error, ClientGone | asyncio.CancelledError | GeneratorExit):
-                record.outcome = "client_gone"
-            elif isinstance(error, GatewayError):
-                record.outcome = _outcome_for(error)
-                record.error = error.message
-            else:
-                record.outcome = "internal_error"
-                record.error = repr(error)
+            record.outcome = outcome_of(error)
+            if isinstance(error, GatewayError) and record.outcome != "client_gone":
+                record.error = error.summary
+            elif record.outcome == "internal_error":
+                # The type only: an exception's text or repr can hold the request (a UnicodeEncodeError
+                # holds the whole string it failed on), and records are shown to everyone (/status.json).
+                record.error = internal_error(error).message
         elif record.outcome == "unknown":
             record.outcome = "success"
+        record.seal()
         logger.info("%s", record.log_line())
         for observe in self.observers:
             try:
                 observe(record)
             except Exception:
                 logger.exception("request observer failed")
+        record.drop_token_gaps()
+
+
+@dataclass
+class Exchange:
+    """What one admitted request holds, released once by `CompletionHandler._end`: its slot (the ticket),
+    the start under way (queue, backend start, connect), the upstream response (its socket)."""
+
+    slot: BackendSlot
+    ticket: Ticket
+    rewriter: StreamRewriter
+    starting: asyncio.Future[UpstreamResponse] | None = None
+    upstream: UpstreamResponse | None = None
+    error: BaseException | None = None
+    ended: bool = False
+
+    @property
+    def record(self) -> RequestRecord:
+        return self.rewriter.record
 
 
 async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamResponse | None:
@@ -388,9 +433,9 @@ async def _abandon(starting: asyncio.Future[UpstreamResponse]) -> UpstreamRespon
     return starting.result()
 
 
-def _outcome_for(error: GatewayError) -> str:
-    if error.status_code == 429:
-        return "rejected"
-    if error.status_code < 500:
-        return "client_error"
-    return "backend_error"
+def _notice_backend_failure(slot: BackendSlot, error: BaseException | None) -> None:
+    """A request that failed because its backend's connection broke (it died, most likely) asks whether the
+    backend is gone before it releases its slot: then the request it hands the slot to restarts the backend
+    rather than being sent to the dead process (issue 19 item 10). A synchronous check, only on failure."""
+    if isinstance(error, BackendDied):
+        slot.backend.notice_if_gone()

@@ -8,9 +8,25 @@ request log line.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.errors import Outcome
+
+# What a finished record keeps of text: records are kept (the status page holds 500) and shown to everyone.
+ERROR_CHARS = 300
+FINISH_REASON_CHARS = 40
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def bounded_text(text: str | None, limit: int) -> str | None:
+    """`text` on one line, cut to `limit` characters (an ellipsis says it was cut)."""
+    if text is None:
+        return None
+    text = _CONTROLS.sub(" ", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -77,14 +93,24 @@ class RequestRecord:
     backend_generation_seconds: float | None = None
     spec: SpecStats | None = None
     finish_reason: str | None = None
-    outcome: str = "unknown"
+    outcome: Outcome = "unknown"
     error: str | None = None
     finished: float | None = None
-    # Set by app/adaptive.py: the twin that served the request under contention, why k is what it
-    # is ("auto" profiles: warmup, model, probe), and the prompt class acceptance is learnt under.
+    # From the planner's Plan (app/proxy/plan.py): the twin that served the request under contention, why k
+    # is what it is ("auto" profiles: warmup, model, probe), and the prompt class acceptance is learnt under.
     routed_to: str | None = None
     k_reason: str | None = None
     prompt_class: str | None = None
+
+    def seal(self) -> None:
+        """Bound what the finished record holds (the error and finish reason: a backend's text)."""
+        self.error = bounded_text(self.error, ERROR_CHARS)
+        self.finish_reason = bounded_text(self.finish_reason, FINISH_REASON_CHARS)
+
+    def drop_token_gaps(self) -> None:
+        """After the observers: one float per token is the only part of a record that grows with the
+        answer (a 32k-token answer, ~1 MB), and the status page keeps 500 records."""
+        self.token_gaps = []
 
     def mark_token(self, now: float) -> None:
         if self.first_token is None:

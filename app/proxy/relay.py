@@ -1,7 +1,8 @@
 """Talk to a backend: open the upstream request, relay its SSE stream, or assemble one answer.
 
-Every low-level failure (the connection, the backend's own error shapes) is mapped to the gateway's
-errors here and nowhere else.
+A broken connection or a silence that lasts too long becomes a gateway error through the one table of
+foreign exceptions (`from_foreign`, app/errors.py); the backend's own error answers are mapped here
+(`map_backend_status`), where their shapes are known.
 
 The stream is relayed per socket read, not per event: events that arrived together are rewritten and
 sent to the client in one write. On a real model that is one token per read, as before; when a backend
@@ -14,16 +15,17 @@ request is alive during minutes of prompt processing on a CPU). The first-token 
 so a backend that reports prompt progress is not timed out while it makes progress. After the first
 token nothing changes: one timer per read.
 
-Prompt progress: mlx_lm.server (0.32.2, so the launcher too) writes `: keepalive n/m` on a stream after its
-headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the prompt. The relay
-passes comment lines on, and names that one for the client: `: prompt n/m`. Only comment lines take that
-branch, so the per-token path is unchanged.
+Prompt progress: mlx_lm.server (0.32.2; the launcher also with a draft model) writes `: keepalive n/m` on a
+stream after its headers, once per prefill chunk (`--prefill-step-size`, 2048 tokens) and at the end of the
+prompt. The relay passes comment lines on, and names that one for the client: `: prompt n/m`. Only
+comment lines take that branch, so the per-token path is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,13 +33,24 @@ from typing import Any
 
 import orjson
 
-from app.backends.process import Backend
-from app.errors import BackendDied, BackendError, BackendTimeout, GatewayError, InvalidRequest, error_body
+from app.backends.connections import BackendEndpoint
+from app.errors import (
+    BackendDied,
+    BackendError,
+    BackendTimeout,
+    GatewayError,
+    InvalidRequest,
+    UpstreamError,
+    from_foreign,
+    outcome_of,
+)
 from app.proxy import upstream as upstream_http
 from app.proxy.record import RequestRecord
 from app.proxy.rewrite import BackendRequest
 from app.proxy.toolrelay import ToolCallRelay, parse_message
-from app.proxy.upstream import UpstreamError, UpstreamResponse
+from app.proxy.upstream import HeadTimeout, UpstreamResponse
+
+logger = logging.getLogger("specgate.requests")
 
 DONE = b"data: [DONE]\n\n"
 WAITING = b": waiting"
@@ -50,6 +63,9 @@ class RelayTimeouts:
     inactivity: float
     # Seconds between SSE comments while a streaming request waits (queue, backend start, first token).
     keepalive: float = 10.0
+    # Seconds a backend may stay silent on every connection while a streamed request waits for its status
+    # line (see `open_upstream`).
+    head: float = 300.0
 
 
 def _backend_message(raw: bytes) -> str:
@@ -63,15 +79,25 @@ def _backend_message(raw: bytes) -> str:
     return str(error if error is not None else data)[:500]
 
 
-def map_backend_status(status: int, raw: bytes, backend: Backend) -> GatewayError:
+def map_backend_status(status: int, raw: bytes, backend: BackendEndpoint) -> GatewayError:
     """mlx_lm.server answers failures with `{"error": "<string>"}` and, before generation, 404."""
     message = _backend_message(raw)
+    # Summaries without the backend's text: it can quote the request (GatewayError.summary).
     if "generation thread died" in message:
         backend.note_broken(message)
-        return BackendDied(f"backend {backend.name} lost its generation thread and is restarting: {message}")
-    if status in (400, 404, 411, 413, 422):
-        return InvalidRequest(f"the backend rejected the request: {message}")
-    return BackendError(f"backend {backend.name} answered HTTP {status}: {message}")
+        died = f"backend {backend.name} lost its generation thread and is restarting"
+        return BackendDied(f"{died}: {message}", summary=died)
+    if status == 400:
+        # mlx_lm.server answers 400 while it reads a request: its own field checks (made by the gateway
+        # first: app/proxy/backend_fields.py) and fetching image URLs, whose errors say what an internal
+        # address answered (issue 19). So its words stay in the gateway's log, out of the answer.
+        logger.warning("backend %s refused a request (HTTP 400): %s", backend.name, message)
+        return InvalidRequest("the backend refused the request (HTTP 400); the gateway's log has its reason")
+    if status in (404, 411, 413, 422):
+        rejected = f"the backend rejected the request (HTTP {status})"
+        return InvalidRequest(f"the backend rejected the request: {message}", summary=rejected)
+    answered = f"backend {backend.name} answered HTTP {status}"
+    return BackendError(f"{answered}: {message}", summary=answered)
 
 
 def dumps(value: Any) -> bytes:
@@ -83,22 +109,57 @@ def dumps(value: Any) -> bytes:
 
 
 async def open_upstream(
-    backend: Backend,
+    backend: BackendEndpoint,
     request: BackendRequest,
     request_id: str,
     timeouts: RelayTimeouts,
 ) -> UpstreamResponse:
-    """Send the request; return the open response once the backend has sent a 200 status line."""
-    host, _, port = backend.base_url.removeprefix("http://").partition(":")
+    """Send the request; return the open response once the backend has sent a 200 status line.
+
+    The wait for the status line is bounded. mlx_lm.server (0.32.2, `handle_completion`) sends a stream's
+    headers as soon as its generation thread takes the request, before the prompt is processed; the
+    gateway streams from the backend, so that wait is only the backend's own queue, which admission keeps
+    empty unless the backend is still busy with work the gateway gave up on (a prompt whose client left)
+    or is hung. A backend that sends nothing on any connection for `timeouts.head` seconds is taken for
+    hung: the request fails with 504 and the backend is restarted, so later requests do not hang on it too.
+    One busy answering other requests (a batch mlx drains before a request it cannot batch) is not hung:
+    the request waits on, up to the first-token bound. A non-streamed upstream request (logprobs) gets its
+    headers only with the whole answer, so its bound is the first-token timeout.
+    """
+    host, port = backend.address
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    heartbeat = backend.heartbeat
+    limit = timeouts.head if request.upstream_streams else timeouts.first_token
+    cap = max(limit, timeouts.first_token)
+    asked = time.monotonic()
+
+    def head_patience() -> float:
+        return min(max(asked, heartbeat.last) + limit, asked + cap) - time.monotonic()
+
     try:
-        # Reads are bounded per chunk by the relay (first token vs. between tokens), not here.
-        connect = backend.connections.take if backend.connections is not None else None
+        # Reads after the head are bounded per chunk by the relay (first token vs. between tokens).
         response = await upstream_http.post(
-            host, int(port), request.path, dumps(request.body), headers, connect=connect
+            host,
+            port,
+            request.path,
+            dumps(request.body),
+            headers,
+            connect=backend.connect,
+            head_patience=head_patience,
+            heartbeat=heartbeat,
         )
+    except HeadTimeout:
+        if max(asked, heartbeat.last) + limit <= time.monotonic():
+            backend.note_broken(f"no response head for {limit:.0f}s and silent on every connection")
+            raise BackendTimeout(
+                f"backend {backend.name} sent no response head within {limit:.0f}s and nothing on any other "
+                "request; it is being restarted"
+            ) from None
+        raise BackendTimeout(
+            f"backend {backend.name} did not start this request within {cap:.0f}s (busy with other requests)"
+        ) from None
     except UpstreamError as error:
-        raise BackendDied(f"backend {backend.name} is unreachable: {error}") from error
+        raise from_foreign(error, f"backend {backend.name} is unreachable: {error}") from error
     if response.status_code != 200:
         try:
             raw = await asyncio.wait_for(response.aread(), timeouts.inactivity)
@@ -134,15 +195,16 @@ async def _sse_batches(
         try:
             async with asyncio.timeout(step):
                 data = await response.read_some()
-        except TimeoutError:
+        except TimeoutError as error:
             silent += step
             if waiting and silent < limit:
                 yield [WAITING]  # cancelling a read loses nothing: the bytes stay in the reader
                 continue
             what = "first token" if waiting else "next token"
-            raise BackendTimeout(f"the backend sent nothing for {limit:.0f}s while waiting for the {what}") from None
+            silence = f"the backend sent nothing for {limit:.0f}s while waiting for the {what}"
+            raise from_foreign(error, silence) from None
         except UpstreamError as error:
-            raise BackendDied(f"the backend connection broke mid-response: {error}") from error
+            raise from_foreign(error, f"the backend connection broke mid-response: {error}") from error
         silent = 0.0
         if not data:
             if pending.strip():
@@ -181,6 +243,8 @@ class StreamRewriter:
     client_model: str
     _role_sent: bool = False
     tools: ToolCallRelay | None = field(init=False, default=None)
+    # The error that ended a relayed stream (sent to the client as its last event), for the handler.
+    failure: GatewayError | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.request.tools is not None:
@@ -244,7 +308,8 @@ def _relay_batch(payloads: list[bytes], rewriter: StreamRewriter, now: float, ou
         if chunk is None:
             continue
         if "error" in chunk and not chunk.get("choices"):
-            raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+            reported = "the backend reported an error"
+            raise BackendError(f"{reported}: {_backend_message(payload)}", summary=reported)
         rewritten = rewriter.rewrite(chunk, now)
         if rewritten is not None:
             out.append(b"data: " + dumps(rewritten) + b"\n\n")
@@ -270,8 +335,9 @@ async def relay_stream(
             raise BackendDied("the backend closed the stream before it finished (it may have crashed)")
         record.outcome = "success"
     except GatewayError as error:
-        record.outcome = "backend_error"
-        record.error = error.message
+        record.outcome = outcome_of(error)
+        record.error = error.summary
+        rewriter.failure = error
         # Events of the failing read that came before the error still reach the client.
         yield b"".join([*out, sse_error(error)])
 
@@ -388,7 +454,8 @@ def _assemble_one(payload: bytes, rewriter: StreamRewriter, assembly: Assembly, 
     if chunk is None:
         return
     if "error" in chunk and not chunk.get("choices"):
-        raise BackendError(f"the backend reported an error: {_backend_message(payload)}")
+        reported = "the backend reported an error"
+        raise BackendError(f"{reported}: {_backend_message(payload)}", summary=reported)
     if _is_usage_chunk(chunk):
         rewriter.absorb_usage(chunk)
         assembly.usage = chunk.get("usage")
@@ -404,10 +471,10 @@ async def read_unstreamed(
     """A non-streaming upstream answer (only for logprobs, which mlx never streams)."""
     try:
         raw = await asyncio.wait_for(response.aread(), timeouts.first_token)
-    except TimeoutError:
-        raise BackendTimeout(f"no answer from the backend within {timeouts.first_token:.0f}s") from None
+    except TimeoutError as error:
+        raise from_foreign(error, f"no answer from the backend within {timeouts.first_token:.0f}s") from None
     except UpstreamError as error:
-        raise BackendDied(f"the backend connection broke: {error}") from error
+        raise from_foreign(error, f"the backend connection broke: {error}") from error
     body = _parse_chunk(raw.decode("utf-8", errors="replace"))
     if body is None:
         raise BackendDied("the backend sent an unreadable answer")
@@ -424,7 +491,3 @@ async def read_unstreamed(
     body["model"] = client_model
     body.update(rewriter.record.response_extras())
     return body
-
-
-def error_payload(error: GatewayError) -> dict[str, Any]:
-    return error_body(error.message, error.error_type, error.param, error.code)

@@ -2,7 +2,8 @@
 
 Only the fields the gateway must understand are read; everything else passes through as sent
 (unknown fields included). Fields that are load instructions to mlx_lm.server (`model`,
-`draft_model`, `adapters`) never reach it.
+`draft_model`, `adapters`) never reach it. The other fields mlx_lm.server reads are checked in
+app/proxy/backend_fields.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Literal
 from app.errors import InvalidRequest
 from app.launcher.prefill import BODY_FIELD as PREFILL_FIELD
 from app.profiles import Profile
+from app.proxy.backend_fields import check_backend_fields, check_content_part, for_backend
 from app.proxy.tools import ToolPlan, forced_opening, messages_for_backend, tool_plan
 
 Kind = Literal["chat", "completion"]
@@ -20,15 +22,8 @@ Kind = Literal["chat", "completion"]
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # mlx_lm.server treats these as "which model to load": never forward what a client sent.
 LOAD_FIELDS = ("model", "draft_model", "adapters")
-_NUMBER_RANGES: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 100.0),
-    "top_p": (0.0, 1.0),
-    "min_p": (0.0, 1.0),
-    "presence_penalty": (-2.0, 2.0),
-    "frequency_penalty": (-2.0, 2.0),
-    "repetition_penalty": (0.0, 100.0),
-}
 MAX_DRAFT_TOKENS = 64
+MAX_TOP_LOGPROBS = 11
 
 
 @dataclass
@@ -73,46 +68,6 @@ def _check_int(body: dict[str, Any], name: str, low: int, high: int | None = Non
     return value
 
 
-def _check_numbers(body: dict[str, Any]) -> None:
-    for name, (low, high) in _NUMBER_RANGES.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(f"'{name}' must be a number, got {type(value).__name__}", name)
-        if not low <= value <= high:
-            raise _fail(f"'{name}' must be between {low} and {high}, got {value}", name)
-    _check_int(body, "top_k", 0)
-    # mx.random.seed takes an unsigned 64-bit integer: a negative seed crashed the backend's request thread.
-    _check_int(body, "seed", 0, 2**63 - 1)
-    stop = body.get("stop")
-    if (
-        stop is not None
-        and not isinstance(stop, str)
-        and not (isinstance(stop, list) and all(isinstance(item, str) for item in stop))
-    ):
-        raise _fail("'stop' must be a string or a list of strings", "stop")
-
-
-def _check_content_part(part: Any, where: str) -> None:
-    if not isinstance(part, dict):
-        raise _fail(f"{where} must be an object", "messages")
-    part_type = part.get("type")
-    if part_type == "image_url":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if not isinstance(url, str) or not url.startswith("data:"):
-            # The backend fetches http(s) URLs itself: a request forgery hole (see docs).
-            raise _fail(f"{where}: only data: image URLs are accepted, not remote URLs", "messages")
-    elif part_type in ("text", "input_text"):
-        if not isinstance(part.get("text"), str):
-            raise _fail(f"{where}: a text part needs a string 'text'", "messages")
-    elif part_type in ("input_audio", "video_url", "file"):
-        raise _fail(f"{where}: content type {part_type!r} is not supported", "messages")
-    elif not isinstance(part_type, str):
-        raise _fail(f"{where}: a content part needs a 'type'", "messages")
-
-
 def _check_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if messages is None:
@@ -131,7 +86,7 @@ def _check_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         content = message.get("content")
         if isinstance(content, list):
             for part_index, part in enumerate(content):
-                _check_content_part(part, f"{where}.content[{part_index}]")
+                check_content_part(part, f"{where}.content[{part_index}]")
         elif content is None:
             if role != "assistant" or not message.get("tool_calls"):
                 raise _fail(f"{where}: 'content' is required", "messages")
@@ -162,6 +117,7 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
     """Validate `body` (already parsed JSON) and produce the backend request for `profile`."""
     if not isinstance(body, dict):
         raise _fail("the request body must be a JSON object")
+    check_backend_fields(body)
     client_streams = bool(_check_bool(body, "stream"))
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
@@ -169,14 +125,15 @@ def build_backend_request(kind: Kind, body: Any, profile: Profile) -> BackendReq
     wants_usage = bool(stream_options and stream_options.get("include_usage") is True)
     if _check_int(body, "n", 1, 1) is None and "n" in body and body["n"] is not None:
         raise _fail("'n' must be 1", "n")
-    _check_numbers(body)
     for name in ("logprobs", "echo"):
         _check_bool(body, name)
-    top_logprobs = _check_int(body, "top_logprobs", 0, 20)
+    # OpenAI allows 20; mlx_lm.server refuses more than 11.
+    top_logprobs = _check_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     requested_k = _check_int(body, "num_draft_tokens", 0, MAX_DRAFT_TOKENS)
 
     # The prefill is the gateway's own instruction to its launcher, never a client's.
     forward = {key: value for key, value in body.items() if key not in LOAD_FIELDS and key != PREFILL_FIELD}
+    for_backend(forward)
     tools: ToolPlan | None = None
     if kind == "chat":
         messages = messages_for_backend(_check_messages(body))

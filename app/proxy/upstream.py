@@ -7,21 +7,23 @@ per request in `specgate bench overhead` profiles; this one writes the request i
 body over as it arrives, in whatever pieces the socket gives, so the relay can batch what came together.
 
 Chunked responses and `Content-Length` are honoured too, should a backend program send them.
-Transport failures raise `UpstreamError`; mapping them to the gateway's errors is the relay's job.
+Transport failures (`TRANSPORT_FAILURES`) raise `UpstreamError` (`HeadTimeout` when the status line is too
+late); the relay turns that into a gateway error through the one table in app/errors.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-READ_SIZE = 65536
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+from app.backends.connections import READ_SIZE, Connection, Heartbeat, open_connection
+from app.errors import TRANSPORT_FAILURES, UpstreamError
 
 
-class UpstreamError(Exception):
-    """The connection to the backend failed (refused, reset, closed early, or timed out)."""
+class HeadTimeout(UpstreamError):
+    """The backend took the request but sent no status line in the time it was given."""
 
 
 class _Dechunker:
@@ -71,11 +73,13 @@ class UpstreamResponse:
         headers: dict[str, str],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.status_code = status_code
         self.headers = headers
         self._reader = reader
         self._writer = writer
+        self._heartbeat = heartbeat
         self._dechunker = _Dechunker() if "chunked" in headers.get("transfer-encoding", "").lower() else None
         length = headers.get("content-length", "")
         self._left: int | None = int(length) if length.isdigit() and self._dechunker is None else None
@@ -88,12 +92,14 @@ class UpstreamResponse:
             size = READ_SIZE if self._left is None else min(READ_SIZE, self._left)
             try:
                 data = await self._reader.read(size)
-            except OSError as error:
+            except TRANSPORT_FAILURES as error:
                 raise UpstreamError(f"{type(error).__name__}: {error}") from error
             if not data:
                 if self._left or (self._dechunker is not None and not self._dechunker.finished):
                     raise UpstreamError("the backend closed the connection before the end of the body")
                 return b""
+            if self._heartbeat is not None:
+                self._heartbeat.last = time.monotonic()
             if self._left is not None:
                 self._left -= len(data)
             if self._dechunker is None:
@@ -115,74 +121,6 @@ class UpstreamResponse:
         self._writer.close()
         with contextlib.suppress(OSError, asyncio.CancelledError):
             await self._writer.wait_closed()
-
-
-async def open_connection(host: str, port: int) -> Connection:
-    """A fresh connection to a backend, read in pieces of up to READ_SIZE."""
-    return await asyncio.open_connection(host, port, limit=READ_SIZE)
-
-
-class Preconnected:
-    """Keeps one connection to a backend open ahead of the request that will use it.
-
-    Why: the backends are HTTP/1.0 servers that accept a connection and start a thread for it before they
-    read a byte, and a request can use a connection only once. Opening the next request's connection
-    while the current one runs takes the connect, the accept and the thread start off the next request's
-    path (the bench's figures: `specgate bench overhead`, docs/benchmarks.md). A spare that the backend
-    closed meanwhile is seen at its EOF and replaced by a fresh connect; the backend's owner closes this
-    when it stops the process, so no spare outlives its backend.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self._spare: asyncio.Task[Connection] | None = None
-        self._closed = False
-
-    async def _connect(self) -> Connection:
-        return await open_connection(self.host, self.port)
-
-    def _refill(self) -> None:
-        if self._closed:
-            return
-        spare = asyncio.get_running_loop().create_task(self._connect())
-        # A spare that fails to connect (the backend went away) is only dropped: retrieve its error.
-        spare.add_done_callback(lambda task: task.cancelled() or task.exception())
-        self._spare = spare
-
-    @staticmethod
-    def _alive(spare: asyncio.Task[Connection]) -> Connection | None:
-        if spare.cancelled() or spare.exception() is not None:
-            return None
-        reader, writer = spare.result()
-        if writer.is_closing() or reader.at_eof():
-            writer.close()
-            return None
-        return reader, writer
-
-    async def take(self) -> Connection:
-        """The spare connection when it is open and alive, else a fresh one; a new spare follows."""
-        spare = self._spare
-        if spare is None:
-            self._refill()
-        elif spare.done():
-            self._spare = None
-            self._refill()
-            connection = self._alive(spare)
-            if connection is not None:
-                return connection
-        # A spare still connecting stays for the next request; this one connects on its own.
-        return await self._connect()
-
-    def close(self) -> None:
-        self._closed = True
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return
-        if not spare.done():
-            spare.cancel()
-        elif (connection := self._alive(spare)) is not None:
-            connection[1].close()
 
 
 def _request_bytes(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -213,27 +151,46 @@ async def post(
     connect_timeout: float = 10.0,
     write_timeout: float = 30.0,
     connect: Callable[[], Awaitable[Connection]] | None = None,
+    head_patience: Callable[[], float] | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> UpstreamResponse:
     """Send one POST and return once the status line and headers are in (the backend's first byte).
 
     `connect` supplies the connection (a backend's Preconnected.take); without it, a fresh one.
-    The wait for the status line is not bounded here: a backend busy with another request (a draft
-    model serves one at a time) sends nothing until it starts this one; the relay bounds the silence.
+    `head_patience` bounds the wait for the status line: it returns the seconds still allowed, and is asked
+    again each time that much has passed (so the caller can extend the wait while the backend is busy with
+    others); at 0 or below, HeadTimeout. Without it the wait is unbounded. `heartbeat` is stamped when the
+    head and each later piece of the body arrive.
     """
     try:
         async with asyncio.timeout(connect_timeout):
             reader, writer = await (connect() if connect is not None else open_connection(host, port))
-    except (OSError, TimeoutError) as error:
+    except TRANSPORT_FAILURES as error:
         raise UpstreamError(f"{type(error).__name__}: {error}") from error
     try:
         writer.write(_request_bytes(host, port, path, headers, body))
         async with asyncio.timeout(write_timeout):
             await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
+        head = await _read_head(reader, head_patience)
         status, response_headers = _parse_head(head[:-4])
     except BaseException as error:
         writer.close()
-        if isinstance(error, OSError | TimeoutError | asyncio.IncompleteReadError | asyncio.LimitOverrunError):
+        if isinstance(error, TRANSPORT_FAILURES):
             raise UpstreamError(f"{type(error).__name__}: {error}") from error
         raise
-    return UpstreamResponse(status, response_headers, reader, writer)
+    if heartbeat is not None:
+        heartbeat.beat()
+    return UpstreamResponse(status, response_headers, reader, writer, heartbeat)
+
+
+async def _read_head(reader: asyncio.StreamReader, patience: Callable[[], float] | None) -> bytes:
+    if patience is None:
+        return await reader.readuntil(b"\r\n\r\n")
+    while (allowed := patience()) > 0:
+        try:
+            async with asyncio.timeout(allowed):
+                # A cancelled readuntil consumes nothing: a head that is half in stays in the buffer.
+                return await reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            continue
+    raise HeadTimeout("no status line from the backend in the time allowed")

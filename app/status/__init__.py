@@ -3,7 +3,8 @@
 Figures come from `RecentRequests`, a handler observer that keeps the last finished RequestRecords in
 a bounded deque and the requests in flight (whose tokens so far give a live tokens/sec); states, pids and
 queues come from the pool at the moment of asking; memory is the backend process's resident set from
-/proc (None where there is no /proc).
+/proc (None where there is no /proc); what each ready backend works on (its requests in progress, a
+prompt's progress, abandoned prefills) from the backend itself (app/backends/activity.py).
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from app.backends.activity import read_activities
 from app.backends.pool import BackendSlot
+from app.errors import Outcome
 from app.gateway import Gateway
 from app.proxy.record import RequestRecord
 
 router = APIRouter()
 # Per-profile figures are taken over this many of its latest finished requests.
 PROFILE_WINDOW = 50
-_FAILED_OUTCOMES = frozenset({"backend_error", "internal_error"})
+_FAILED_OUTCOMES: frozenset[Outcome] = frozenset({"backend_error", "internal_error"})
 
 
 class RecentRequests:
@@ -100,8 +103,9 @@ def record_json(record: RequestRecord, now: float) -> dict[str, Any]:
     }
 
 
-def live_json(record: RequestRecord, now: float) -> dict[str, Any]:
-    """A request still running: tokens so far (one per chunk with output) and its rate so far."""
+def live_json(record: RequestRecord, now: float, in_backend: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A request still running: tokens so far (one per chunk with output) and its rate so far; with
+    `in_backend` (the backend's own entry for it), its prompt progress."""
     tokens = 0 if record.first_token is None else len(record.token_gaps) + 1
     rate = None
     if record.first_token is not None and record.last_token is not None and tokens >= 2:
@@ -115,6 +119,8 @@ def live_json(record: RequestRecord, now: float) -> dict[str, Any]:
         "tokens": tokens,
         "tokens_per_second": _round(rate, 2),
         "ttft_ms": _ms(record.ttft),
+        "prompt_processed": in_backend["prompt_processed"] if in_backend else None,
+        "prompt_total": in_backend["prompt_total"] if in_backend else None,
     }
 
 
@@ -151,7 +157,7 @@ def profile_figures(records: list[RequestRecord]) -> dict[str, Any]:
     }
 
 
-def backend_json(slot: BackendSlot, now: float) -> dict[str, Any]:
+def backend_json(slot: BackendSlot, now: float, activity: dict[str, Any] | None = None) -> dict[str, Any]:
     backend = slot.backend
     running = backend.is_running
     return {
@@ -176,6 +182,9 @@ def backend_json(slot: BackendSlot, now: float) -> dict[str, Any]:
         "waiting": slot.admission.waiting,
         "restarts": backend.crashes.total_restarts,
         "failure": backend.failure,
+        # The backend's own account (null when not ready or silent): requests in progress and what they
+        # do ("prompt 2048/7239"), and prompts abandoned because their client left.
+        "activity": activity,
     }
 
 
@@ -185,11 +194,22 @@ class StatusBuilder:
         self.recent = recent
         self.started = time.monotonic()
 
-    def build(self, request_limit: int) -> dict[str, Any]:
+    async def read_activities(self) -> dict[str, dict[str, Any] | None]:
+        backends = [slot.backend for slot in self.gateway.pool.slots.values()]
+        return await read_activities(self.gateway.http, backends)
+
+    def build(self, request_limit: int, activities: dict[str, dict[str, Any] | None] | None = None) -> dict[str, Any]:
         now = time.monotonic()
         gateway = self.gateway
+        activities = activities or {}
         finished = list(self.recent.finished)
         live = list(self.recent.in_flight.values())
+        in_backends = {
+            entry["request_id"]: entry
+            for activity in activities.values()
+            if activity is not None
+            for entry in activity["requests"]
+        }
         profiles = []
         for name in gateway.profiles.names():
             info = gateway.describe_profile(name)
@@ -209,7 +229,7 @@ class StatusBuilder:
                     "running": info["backend"]["running"],
                     "waiting": info["backend"]["waiting"],
                     "figures": profile_figures(mine),
-                    "live": [live_json(r, now) for r in live if r.profile == name],
+                    "live": [live_json(r, now, in_backends.get(r.request_id)) for r in live if r.profile == name],
                 }
             )
         return {
@@ -217,7 +237,9 @@ class StatusBuilder:
             "uptime_seconds": round(now - self.started, 1),
             "window": PROFILE_WINDOW,
             "profiles": profiles,
-            "backends": [backend_json(slot, now) for slot in gateway.pool.slots.values()],
+            "backends": [
+                backend_json(slot, now, activities.get(slot.backend.name)) for slot in gateway.pool.slots.values()
+            ],
             "requests": [record_json(r, now) for r in reversed(finished[-request_limit:])] if request_limit else [],
         }
 
@@ -244,4 +266,5 @@ async def status_page() -> HTMLResponse:
 @router.get("/status.json")
 async def status_json(request: Request, requests: int = Query(default=50, ge=0, le=500)) -> JSONResponse:
     builder: StatusBuilder = request.app.state.status
-    return JSONResponse(builder.build(requests), headers={"cache-control": "no-store"})
+    activities = await builder.read_activities()
+    return JSONResponse(builder.build(requests, activities), headers={"cache-control": "no-store"})

@@ -14,8 +14,12 @@ HTTP surface (mlx_lm.server 0.32.2, `mlx_lm/server.py`; see docs/architecture.md
   - HTTP/1.0: one request per connection, a stream ends when the socket closes.
   - `GET /health` -> 200 `{"status": "ok"}`; `GET /v1/models[/...]` -> the `--model` value;
     `GET /specgate/stats` -> `{"requests_started", "requests_finished", "tokens_generated",
-    "active_requests", "waiting_requests", "requests_disconnected"}` (the first four are the
-    launcher's contract; the last two exist only here, for tests of queueing and disconnects).
+    "active_requests", "waiting_requests", "requests_disconnected", "peak_concurrent_requests"}` (the
+    first four are the launcher's contract; the rest exist only here, for tests of queueing, disconnects
+    and a gateway's concurrency limit). `peak_concurrent_requests` is the most requests generating at
+    once, counted as each starts, leaving out those whose client had already closed its connection: a
+    gateway releases a departed client's slot at once, while this program (like mlx) notices only at its
+    next write, so `active_requests` can briefly count requests no gateway still holds.
     A request is *started* when it begins generating (after the `--serial` queue), *finished* when its
     handler ends for any reason; `active = started - finished`.
   - `POST /v1/chat/completions`, `/chat/completions`, `/v1/completions`, streaming or not, with
@@ -72,6 +76,14 @@ Failure modes (flags; they combine)
                            "FileNotFoundError: ... config.json" to stderr and exit 1 without listening.
   --crash-after-tokens N   a request about to generate token N+1 makes the process SIGKILL itself
                            (as the OOM killer would): the socket closes mid-stream, the process is gone.
+  --hang-before-headers-on WORD
+                           a completion request whose source text has the word WORD wedges the backend (a
+                           generation thread stuck): it and every later completion request hang before they
+                           send a byte (mlx sends a stream's headers once that thread takes the request);
+                           /health and /specgate/stats still answer. The readiness probe ("hi") gets through.
+  --hang-in-headers-on WORD
+                           the same, but each hung request first sends its status line, not the end of the
+                           headers (a head that never completes).
   --hang-after-tokens N    a request about to generate token N+1 stops writing forever; the connection
                            stays open and the process keeps serving other requests.
   --ignore-sigterm         log SIGTERM and keep running (the default, like mlx, dies at once).
@@ -80,6 +92,8 @@ Failure modes (flags; they combine)
   --serial                 one request generates at a time; the others wait, in arrival order, with no
                            bytes sent (mlx_lm.server with a draft model).
   --fail-requests-with S   answer every completion with HTTP status S and `{"error": "..."}`.
+  --fail-chat-with S       answer every chat completion (text completions, so the readiness probe, pass) with
+                           HTTP status S and an error that quotes the request's text, as backend errors can.
   --reply-text TEXT        answer chat requests with TEXT (see "Scripted replies"); repeat for later turns.
   --record-requests PATH   append each completion request's JSON body to PATH, one line per request (for
                            tests of what a real client sends through the gateway).
@@ -93,7 +107,9 @@ import argparse
 import json
 import os
 import platform
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -309,10 +325,13 @@ class Config:
     fail_start: bool
     crash_after_tokens: int | None
     hang_after_tokens: int | None
+    hang_before_headers_on: str | None
+    hang_in_headers_on: str | None
     ignore_sigterm: bool
     print_load_event: bool
     serial: bool
     fail_requests_with: int | None
+    fail_chat_with: int | None
     reply_text: list[str] | None
     record_requests: str | None
 
@@ -333,10 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fail-start", action="store_true")
     parser.add_argument("--crash-after-tokens", type=int, metavar="N")
     parser.add_argument("--hang-after-tokens", type=int, metavar="N")
+    parser.add_argument("--hang-before-headers-on", metavar="WORD")
+    parser.add_argument("--hang-in-headers-on", metavar="WORD")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--print-load-event", action="store_true")
     parser.add_argument("--serial", action="store_true")
     parser.add_argument("--fail-requests-with", type=int, metavar="STATUS")
+    parser.add_argument("--fail-chat-with", type=int, metavar="STATUS")
     parser.add_argument("--reply-text", action="append", metavar="TEXT")
     parser.add_argument("--record-requests", metavar="PATH")
     return parser
@@ -357,14 +379,32 @@ class Counters:
             ("requests_started", "requests_finished", "tokens_generated", "waiting_requests", "requests_disconnected"),
             0,
         )
+        self._peak_concurrent = 0
+        self._connections: set[socket.socket] = set()
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self._values[name] += amount
 
+    @contextmanager
+    def generating(self, connection: socket.socket) -> Iterator[None]:
+        """Count a request as started (and finished, after), and its place in the concurrency peak."""
+        with self._lock:
+            self._values["requests_started"] += 1
+            self._connections.add(connection)
+            # This request too: its client may have left before a handler thread got to it.
+            connected = sum(1 for each in self._connections if not _peer_closed(each))
+            self._peak_concurrent = max(self._peak_concurrent, connected)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._connections.discard(connection)
+                self._values["requests_finished"] += 1
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            values = dict(self._values)
+            values = {**self._values, "peak_concurrent_requests": self._peak_concurrent}
         active = values["requests_started"] - values["requests_finished"]
         # The launcher's four keys first, then this program's extras.
         return {
@@ -374,6 +414,15 @@ class Counters:
             "active_requests": active,
             **values,
         }
+
+
+def _peer_closed(connection: socket.socket) -> bool:
+    """Whether the client has closed (or reset) this connection; it sends nothing after its request."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 class FifoGate:
@@ -641,6 +690,8 @@ class FakeServer(ThreadingHTTPServer):
         self.config = config
         self.counters = Counters()
         self.gate: FifoGate | None = FifoGate(self.counters) if config.serial else None
+        # Set once a request with the --hang-*-headers-on word came: from then on no completion gets a byte.
+        self.wedged = threading.Event()
         super().__init__((config.host, config.port), Handler)
 
     def serial_slot(self) -> AbstractContextManager[None]:
@@ -711,7 +762,22 @@ class Handler(BaseHTTPRequestHandler):
             log(f"request id={request_id} path={self.path} status={e.status} error={e.message!r}")
             self._send_json(e.status, {"error": e.message})
             return
+        self._hang_if_wedged(request)
         self._serve(request)
+
+    def _hang_if_wedged(self, request: Completion) -> None:
+        config = self.server.config
+        word = config.hang_before_headers_on or config.hang_in_headers_on
+        if word is None:
+            return
+        if word in source_text(request.body).split():
+            self.server.wedged.set()
+        if self.server.wedged.is_set():
+            log(f"request id={request.request_id}: hanging before the end of the headers (wedged)")
+            if config.hang_in_headers_on is not None:
+                self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+                self.wfile.flush()
+            threading.Event().wait()
 
     def _read_request(self, request_id: str | None) -> Completion:
         config = self.server.config
@@ -733,13 +799,14 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(
                 config.fail_requests_with, f"fake failure (--fail-requests-with {config.fail_requests_with})"
             )
+        if config.fail_chat_with is not None and self.path != "/v1/completions":
+            raise RequestError(config.fail_chat_with, f"fake failure on the text {source_text(body)!r}")
         check_load_instructions(request, config)
         return request
 
     def _serve(self, request: Completion) -> None:
         counters = self.server.counters
-        with self.server.serial_slot():
-            counters.add("requests_started")
+        with self.server.serial_slot(), counters.generating(self.connection):
             outcome = Outcome()
             try:
                 self._generate(request, outcome)
@@ -747,8 +814,6 @@ class Handler(BaseHTTPRequestHandler):
                 # The client went away (BrokenPipe / ConnectionReset): stop, as mlx does for streams.
                 outcome.result = "disconnected"
                 counters.add("requests_disconnected")
-            finally:
-                counters.add("requests_finished")
         log(
             f"request id={request.request_id} path={self.path} stream={request.stream} "
             f"tokens={outcome.tokens} finish={outcome.finish_reason} outcome={outcome.result}"

@@ -1,18 +1,18 @@
-"""The two completion endpoints served as plain ASGI, ahead of FastAPI's middleware stack.
+"""The entry of the two completion endpoints, `POST /v1/chat/completions` and `POST /v1/completions`: plain
+ASGI, between the edge (app/edge.py) and FastAPI, and the only code that serves them.
 
-Why: `specgate bench overhead` showed the gateway's own request path (app/proxy) as a few percent of its
-CPU and starlette's per-request and per-chunk layers as most of the rest: the error middleware's and the
-exception middleware's `send` wrappers, the router, FastAPI's endpoint wrapper, the request-id wrapper,
-and StreamingResponse's anyio task group (uvicorn speaks ASGI 2.3, so starlette listens for the
-disconnect in a task group per stream). A token streams through every one of those `send` layers.
+Why not a FastAPI route: `specgate bench overhead` showed the gateway's own request path (app/proxy) as a
+few percent of its CPU and starlette's per-request and per-chunk layers as most of the rest: the error
+middleware's and the exception middleware's `send` wrappers, the router, FastAPI's endpoint wrapper, and
+StreamingResponse's anyio task group (uvicorn speaks ASGI 2.3, so starlette listens for the disconnect in
+a task group per stream). A token streams through every one of those `send` layers.
 
-What stays the same: everything the client sees. The routes stay registered in FastAPI (the OpenAPI
-description, `/docs`); this layer only dispatches `POST /v1/chat/completions` and `POST /v1/completions`
-before them, with the same request id handling (header in, header out, the logging context), the same
-API-key check and 401, the same OpenAI-shaped errors (a GatewayError's status and headers, 500 for a
-bug), and the same client-disconnect behaviour (a watcher on `receive` cancels the stream, which closes
-the upstream socket and stops the backend). Every other path, and every request when CORS is configured
-(whose headers starlette's middleware adds), goes through the FastAPI app as before.
+What the client sees is what a FastAPI route would give: the same API-key check and 401 (app/auth.py's
+middleware, reused), the same OpenAI-shaped errors (app/error_response.py renders every error; a bug is the
+edge's 500), CORS from the edge, and a client that leaves cancels its request (a watcher on `receive` cancels
+the stream, which closes the upstream socket and stops the backend). The routes in app/routes.py describe
+these endpoints for OpenAPI (`/openapi.json`, `/docs`) and are never reached. Every other request goes on
+to the FastAPI app.
 
 A streaming response's status line and headers go out as soon as the handler returns it, which it does
 once the request is admitted: the wait for a slot, the backend and the first token happens inside its
@@ -23,25 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import ApiKeyMiddleware, send_refusal
-from app.errors import GatewayError, error_body
-from app.logging_setup import current_request_id, tag_request
+from app.error_response import send_error
+from app.errors import GatewayError
 from app.proxy.handler import CompletionHandler
 from app.proxy.rewrite import Kind
-
-logger = logging.getLogger("specgate")
 
 _KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
-class CompletionFastPath:
-    """Outermost ASGI layer: completion POSTs go straight to the handler, the rest to `app`."""
+class CompletionEndpoint:
+    """Inside the edge, in front of FastAPI: completion POSTs go straight to the handler, the rest to `app`."""
 
     def __init__(self, app: ASGIApp, handler: CompletionHandler, keys: ApiKeyMiddleware) -> None:
         self.app = app
@@ -54,39 +51,30 @@ class CompletionFastPath:
         if kind is None:
             await self.app(scope, receive, send)
             return
-        scope, request_id = tag_request(scope)
-        token = current_request_id.set(request_id)
-        try:
-            reason = self.keys.refusal(scope)
-            if reason is not None:
-                await send_refusal(scope, send, reason, ((b"x-request-id", request_id.encode("ascii")),))
+        reason = self.keys.refusal(scope)
+        if reason is not None:
+            await send_refusal(scope, send, reason)
+            return
+        async with contextlib.AsyncExitStack() as request_held:
+            try:
+                # The handler's context holds the request's slot and upstream socket until the response is sent.
+                response = await request_held.enter_async_context(self.handler.handle(Request(scope, receive), kind))
+            except GatewayError as error:
+                await send_error(send, error)
                 return
-            response = await self._respond(Request(scope, receive), kind, request_id)
             if isinstance(response, StreamingResponse):
                 await _stream(response, receive, send)
             else:
                 await response(scope, receive, send)
-        finally:
-            current_request_id.reset(token)
-
-    async def _respond(self, request: Request, kind: Kind, request_id: str) -> Response:
-        headers = {"x-request-id": request_id}
-        try:
-            return await self.handler.handle(request, kind)
-        except GatewayError as error:
-            return JSONResponse(error.body(), status_code=error.status_code, headers={**error.headers(), **headers})
-        except Exception as error:
-            logger.exception("unexpected error on POST %s", request.url.path)
-            body = error_body(f"internal error: {type(error).__name__}", "internal_error")
-            return JSONResponse(body, status_code=500, headers=headers)
 
 
 async def _stream(response: StreamingResponse, receive: Receive, send: Send) -> None:
     """Send a streaming response chunk by chunk; a client that leaves cancels the stream at once.
 
     One watcher task reads `receive` for the disconnect (the only message left once the body is read);
-    when it comes, the stream task is cancelled, so the handler's generator runs its cleanup (closing
-    the upstream socket is what stops mlx_lm.server) exactly as under starlette's task group.
+    when it comes, the stream task is cancelled, as under starlette's task group. What the request holds
+    (its slot, its upstream socket: closing it is what stops mlx_lm.server) is released by the handler's
+    context around this call, whether or not the body ever started.
     """
     stream_task = asyncio.current_task()
     assert stream_task is not None

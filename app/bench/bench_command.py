@@ -7,40 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.bench import discrimination, overhead, prompt_cache
+from app.bench.arguments import DEFAULT_URL, parse_k_range, profile_names, write_output
 from app.bench.client import BenchError, normalize_url
 from app.bench.prompts import BUILTIN, PromptSetError, load_prompt_set
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def parse_k_range(text: str) -> list[int]:
-    """`0:8` (both ends included), `2:8:2`, or a list `1,3,5`."""
-    try:
-        if ":" in text:
-            parts = [int(part) for part in text.split(":")]
-            if len(parts) not in (2, 3):
-                raise ValueError
-            step = parts[2] if len(parts) == 3 else 1
-            values = list(range(parts[0], parts[1] + 1, step))
-        else:
-            values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected START:END[:STEP] or a list like 1,3,5") from None
-    if not values or any(not 0 <= value <= 64 for value in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: draft lengths must be between 0 and 64")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def _write(target: str, text: str) -> None:
-    if target == "-":
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    else:
-        Path(target).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-        print(f"bench: wrote {target}", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -53,7 +23,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config = BenchConfig(
             url=normalize_url(args.url),
             prompts=prompts,
-            profiles=[name for group in args.profiles or [] for name in _names(group)] or None,
+            profiles=profile_names(args.profiles),
             baseline=args.baseline,
             repetitions=args.repetitions,
             warmup=args.warmup,
@@ -75,9 +45,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("specgate bench: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        _write(args.json, report.json_report(result))
+        write_output(args.json, report.json_report(result))
     if args.markdown:
-        _write(args.markdown, report.markdown_report(result))
+        write_output(args.markdown, report.markdown_report(result))
     if "-" not in (args.json, args.markdown):
         print(report.text_report(result))
     return 0
@@ -125,8 +95,6 @@ def register(subparsers: Any) -> None:
     _add_main_options(bench)
     bench.set_defaults(func=cmd_bench)
     commands = bench.add_subparsers(dest="bench_command", metavar="{overhead,discrimination,prompt-cache}")
-    from app.bench import discrimination, overhead, prompt_cache
-
     overhead.register(commands)
     discrimination.register(commands)
     prompt_cache.register(commands)

@@ -1,9 +1,6 @@
-"""Adaptive draft length (`num_draft_tokens = "auto"`): the gateway picks k per request, 0 included.
-
-Whether drafting pays is a property of the machine and the pair (on the 2-core CPUs here it lost at
-every k on the reference BLAS, 0.71x at 91 % acceptance, and wins with MKL, 1.52x at k = 5; on an H100 a
-0.5B draft step costs as much as a 1.5B main step), so the choice is made from what each backend's own
-requests measured, never from presets.
+"""The model behind `num_draft_tokens = "auto"`: from finished requests, the expected speed of each draft
+length k on one backend, and the k to use next. Plain arithmetic on counts and timings: no request,
+record, pool or metrics types (app/adaptive/planner.py turns records into Observations).
 
 ## The model (per backend; acceptance also per prompt class)
 
@@ -47,19 +44,11 @@ changed machine or prompt mix is noticed.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
-from app.backends.pool import BackendPool, BackendSlot
-from app.profiles import BackendSpec, Profile, ProfileSet
-from app.proxy.record import RequestRecord
-from app.proxy.rewrite import BackendRequest
 
 # Draft lengths `auto` chooses from. Clients may still ask for up to 64 themselves.
 K_MAX = 12
@@ -86,53 +75,8 @@ EXTRAPOLATE_FROM_ROUNDS = 4.0
 PREFER_SHORTER = 1.01
 # Requests with fewer rounds say little about the time per round.
 MIN_ROUNDS = 3
-
-Reason = Literal["warmup", "model", "probe", "client", "fixed"]
-_CODE_WORDS = re.compile(
-    r"```|\b(python|javascript|typescript|java|rust|golang|kotlin|swift|c\+\+|sql|bash|shell script|"
-    r"function|def|class|method|implement|refactor|snippet|regex|dataclass|struct|compile|traceback|"
-    r"stack trace|unit test|code only|source code)\b",
-    re.IGNORECASE,
-)
-_CODE_SYMBOLS = re.compile(r"[{}();=<>\[\]]")
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompt classes
-# --------------------------------------------------------------------------------------------------
-
-
-def _last_user_text(kind: str, body: dict[str, Any]) -> str:
-    if kind != "chat":
-        prompt = body.get("prompt")
-        return prompt if isinstance(prompt, str) else ""
-    for message in reversed(body.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-def prompt_class(kind: str, body: dict[str, Any]) -> str:
-    """Class "code" or "chat" from cheap features of the last user turn; "-sampled" above temperature 0.
-
-    A heuristic that only splits acceptance statistics: a misfiled prompt costs a slower estimate,
-    never a wrong answer. Sampling is its own class because acceptance collapses above temperature 0.
-    """
-    text = _last_user_text(kind, body)[:4000]
-    symbols = len(_CODE_SYMBOLS.findall(text))
-    is_code = bool(_CODE_WORDS.search(text)) or (len(text) > 40 and symbols / len(text) > 0.03)
-    temperature = body.get("temperature")
-    sampled = isinstance(temperature, int | float) and temperature > 0
-    return ("code" if is_code else "chat") + ("-sampled" if sampled else "")
-
-
-# --------------------------------------------------------------------------------------------------
-# Observations and estimates
-# --------------------------------------------------------------------------------------------------
+# Why the estimator chose k: to measure what it lacks, by its model, or to explore a neighbour.
+Reason = Literal["warmup", "model", "probe"]
 
 
 @dataclass(frozen=True)
@@ -149,21 +93,6 @@ class Observation:
     @property
     def drafted(self) -> int:
         return sum(self.drafted_per_position)
-
-    @classmethod
-    def from_record(cls, record: RequestRecord, klass: str) -> Observation | None:
-        spec = record.spec
-        seconds = record.backend_generation_seconds
-        if record.outcome != "success" or spec is None or seconds is None or record.num_draft_tokens is None:
-            return None
-        return cls(
-            k=record.num_draft_tokens,
-            prompt_class=klass,
-            rounds=record.generation_tokens - spec.num_accepted_tokens,
-            generation_seconds=seconds,
-            drafted_per_position=tuple(spec.drafted_per_position),
-            accepted_per_position=tuple(spec.accepted_per_position),
-        )
 
 
 @dataclass(frozen=True)
@@ -251,7 +180,6 @@ class RoundCosts:
         # k -> (seconds per round, drafted per round, observation number)
         self.samples: dict[int, deque[tuple[float, float, int]]] = {}
         self.observations = 0
-        self.shifts = 0
         self._previous_surprise = 1.0
         self._prior_slope: float | None = None
 
@@ -277,7 +205,6 @@ class RoundCosts:
         slope = self.draft_token_seconds
         if slope is not None:
             self._prior_slope = slope * factor
-        self.shifts += 1
         # Keep the previous request's sample: it was the first of the new regime.
         since = self.observations - 1
         for k in list(self.samples):
@@ -445,195 +372,3 @@ class BackendEstimator:
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
-
-
-# --------------------------------------------------------------------------------------------------
-# The request path: choose k, route under contention, learn from what finished
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """Where a request goes and with which draft length; `annotate` puts it on the record."""
-
-    slot: BackendSlot
-    routed_to: str | None = None
-    k_reason: Reason | None = None
-    prompt_class: str | None = None
-
-    def annotate(self, record: RequestRecord) -> None:
-        record.routed_to = self.routed_to
-        record.k_reason = self.k_reason
-        record.prompt_class = self.prompt_class
-        if self.routed_to is not None:
-            # The twin has no draft: no speculative figures to read, none to count.
-            record.draft_model = None
-
-
-@dataclass
-class _RouteCount:
-    profile: str
-    twin: str
-    count: int = 0
-
-
-class SpeculationPlanner:
-    """Chooses k for `auto` profiles and routes to the baseline twin under contention (a handler hook).
-
-    Lives in the event loop with the handler: `plan` runs before admission, `observe` after a request.
-    """
-
-    def __init__(self, pool: BackendPool, profiles: ProfileSet) -> None:
-        self.pool = pool
-        self.profiles = profiles
-        self.estimators: dict[BackendSpec, BackendEstimator] = {}
-        self._routes: dict[tuple[str, str], _RouteCount] = {}
-        self._classes_seen: dict[str, set[str]] = {}
-
-    def estimator(self, spec: BackendSpec) -> BackendEstimator:
-        estimator = self.estimators.get(spec)
-        if estimator is None:
-            estimator = self.estimators[spec] = BackendEstimator()
-        return estimator
-
-    def plan(self, profile: Profile, body: dict[str, Any], request: BackendRequest) -> Plan:
-        slot = self.pool.slot_for(profile)
-        if not profile.is_speculative:
-            return Plan(slot)
-        twin = self._twin_under_contention(profile, slot)
-        if twin is not None:
-            request.body.pop("num_draft_tokens", None)
-            request.num_draft_tokens = None
-            self._count_route(profile.name, twin.name)
-            return Plan(self.pool.slot_for(twin), routed_to=twin.name)
-        klass = prompt_class(request.kind, request.body)
-        if "num_draft_tokens" in body:
-            return Plan(slot, k_reason="client", prompt_class=klass)
-        if not profile.adaptive:
-            return Plan(slot, k_reason="fixed", prompt_class=klass)
-        self._classes_seen.setdefault(profile.name, set()).add(klass)
-        choice = self.estimator(profile.backend_spec).choose(klass)
-        request.body["num_draft_tokens"] = choice.k
-        request.num_draft_tokens = choice.k
-        return Plan(slot, k_reason=choice.reason, prompt_class=klass)
-
-    def _twin_under_contention(self, profile: Profile, slot: BackendSlot) -> Profile | None:
-        routing = profile.routing
-        if routing is None or slot.admission.waiting < routing.queue_threshold:
-            return None
-        twin = self.profiles.get(routing.twin)
-        if twin is None:
-            return None
-        twin_slot = self.pool.slot_for(twin)
-        # Never load a model because of a queue: the twin must be up (preload it), and less busy.
-        if not twin_slot.backend.is_running:
-            return None
-        admission = twin_slot.admission
-        if admission.running >= admission.concurrency and admission.waiting >= slot.admission.waiting:
-            return None
-        return twin
-
-    def _count_route(self, profile: str, twin: str) -> None:
-        key = (profile, twin)
-        self._routes.setdefault(key, _RouteCount(profile, twin)).count += 1
-
-    def observe(self, record: RequestRecord) -> None:
-        """Handler observer: every finished request on a drafting backend feeds its estimator."""
-        if record.routed_to is not None:
-            return
-        profile = self.profiles.get(record.profile)
-        if profile is None or not profile.is_speculative:
-            return
-        obs = Observation.from_record(record, record.prompt_class or "chat")
-        if obs is not None:
-            self.estimator(profile.backend_spec).observe(obs)
-
-    def explain(self, name: str) -> dict[str, Any] | None:
-        """An `auto` profile's current choice and the estimates behind it (status page)."""
-        profile = self.profiles.get(name)
-        if profile is None or not profile.adaptive:
-            return None
-        estimator = self.estimator(profile.backend_spec)
-        info = estimator.explain()
-        seen = self._classes_seen.get(profile.name)
-        if seen:
-            info["classes"] = {k: v for k, v in info["classes"].items() if k in seen} or info["classes"]
-        return info
-
-    def routed(self) -> list[tuple[str, str, int]]:
-        return [(r.profile, r.twin, r.count) for r in self._routes.values()]
-
-    # ----- Prometheus (a custom collector: the figures are computed at scrape time) ----------------
-
-    def describe(self) -> list[Metric]:
-        return list(self._metrics([]))
-
-    def collect(self) -> Iterator[Metric]:
-        adaptive = [p for p in self.profiles if p.adaptive]
-        return self._metrics(adaptive)
-
-    def _metrics(self, profiles: Iterable[Profile]) -> Iterator[Metric]:
-        k = GaugeMetricFamily(
-            "specgate_adaptive_num_draft_tokens",
-            "Draft length an auto profile uses now for a prompt class (0: no drafting)",
-            labels=["profile", "prompt_class"],
-        )
-        speedup = GaugeMetricFamily(
-            "specgate_adaptive_expected_speedup",
-            "Expected decode speed at the chosen k over plain decoding on the same backend",
-            labels=["profile", "prompt_class"],
-        )
-        acceptance = GaugeMetricFamily(
-            "specgate_adaptive_acceptance",
-            "Estimated probability that drafted positions 0..position are all accepted",
-            labels=["profile", "prompt_class", "position"],
-        )
-        plain = GaugeMetricFamily(
-            "specgate_adaptive_plain_step_seconds",
-            "Measured seconds per decode step without drafting",
-            labels=["profile"],
-        )
-        per_draft = GaugeMetricFamily(
-            "specgate_adaptive_draft_token_seconds",
-            "Fitted seconds a drafted token adds to a round (draft step plus its verification)",
-            labels=["profile"],
-        )
-        rounds = GaugeMetricFamily(
-            "specgate_adaptive_round_seconds",
-            "Measured seconds per verification round at draft length k",
-            labels=["profile", "k"],
-        )
-        probes = CounterMetricFamily(
-            "specgate_adaptive_probes", "Requests sent with a neighbouring k to explore", labels=["profile"]
-        )
-        routed = CounterMetricFamily(
-            "specgate_routed_requests",
-            "Requests of a speculative profile served by its baseline twin because of its queue",
-            labels=["profile", "twin"],
-        )
-        for profile in profiles:
-            self._profile_samples(profile, k, speedup, acceptance, plain, per_draft, rounds, probes)
-        for name, twin, count in self.routed():
-            routed.add_metric([name, twin], count)
-        yield from (k, speedup, acceptance, plain, per_draft, rounds, probes, routed)
-
-    def _profile_samples(self, profile: Profile, *families: Any) -> None:
-        k, speedup, acceptance, plain, per_draft, rounds, probes = families
-        estimator = self.estimator(profile.backend_spec)
-        info = self.explain(profile.name) or {}
-        for klass, figures in info.get("classes", {}).items():
-            k.add_metric([profile.name, klass], figures["k"])
-            if figures["expected_speedup"] is not None:
-                speedup.add_metric([profile.name, klass], figures["expected_speedup"])
-            for position, value in enumerate(figures["acceptance_by_position"]):
-                if value is not None:
-                    acceptance.add_metric([profile.name, klass, str(position)], value)
-        if estimator.costs.plain_step is not None:
-            plain.add_metric([profile.name], estimator.costs.plain_step)
-        if estimator.costs.draft_token_seconds is not None:
-            per_draft.add_metric([profile.name], estimator.costs.draft_token_seconds)
-        for length in estimator.costs.lengths:
-            measured = estimator.costs.measured(length)
-            if measured is not None:
-                rounds.add_metric([profile.name, str(length)], measured[0])
-        probes.add_metric([profile.name], estimator.probes)

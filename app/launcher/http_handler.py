@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from mlx_lm import server
 
+from app.launcher.abandon import ClientGone
+from app.launcher.client_watch import ClientWatch
 from app.launcher.generation import attach_stats
 from app.launcher.prefill import attach_prefill
 from app.launcher.stats import BackendCounters, RequestStats
@@ -32,6 +34,11 @@ def handler_class(counters: BackendCounters) -> type[Any]:
             else:
                 super().do_GET()  # type: ignore[no-untyped-call]
 
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            # The gateway asks for the stats at every refresh of a status page: not worth a log line each.
+            if self.path != STATS_PATH:
+                super().log_request(code, size)
+
         def _send_json(self, payload: dict[str, Any]) -> None:
             body = json.dumps(payload).encode()
             self._set_completion_headers(200)
@@ -41,18 +48,24 @@ def handler_class(counters: BackendCounters) -> type[Any]:
             self.wfile.flush()
 
         def handle_completion(self, request: Any, stop_words: list[str]) -> None:
-            stats = RequestStats(request_id=self.headers.get("X-Request-Id"))
+            client = ClientWatch(self.connection)
+            stats = RequestStats(request_id=self.headers.get("X-Request-Id"), client=client)
             attach_stats(request, stats)
             attach_prefill(request, getattr(self, "body", None))
             self.specgate_stats = stats
-            counters.request_started()
-            finished = False
+            counters.request_started(stats)
+            outcome = "aborted"
             try:
                 super().handle_completion(request, stop_words)
-                finished = True
+                outcome = "done"
+            except (ClientGone, ConnectionError):
+                # The client left (its prompt was abandoned, or a write found the connection closed):
+                # nobody to answer, and nothing wrong with the server; no traceback in the log.
+                outcome = "abandoned" if stats.abandoned else "aborted"
             finally:
-                counters.request_finished()
-                _log_request(self.path, stats, finished)
+                client.release()  # before the server closes the socket
+                counters.request_finished(stats)
+                _log_request(self.path, stats, outcome)
 
         def completion_usage_response(
             self,
@@ -102,15 +115,17 @@ def handler_class(counters: BackendCounters) -> type[Any]:
     return SpecgateHandler
 
 
-def _log_request(path: str, stats: RequestStats, finished: bool) -> None:
+def _log_request(path: str, stats: RequestStats, outcome: str) -> None:
     """One line per request: its id and figures, never its text."""
     spec = stats.speculation
     accepted = f"{spec.num_accepted_tokens}/{spec.num_draft_tokens}" if spec else "-"
+    prompt = f", prompt {stats.prompt_processed}/{stats.prompt_total}" if stats.abandoned else ""
     logger.info(
-        "specgate request %s %s %s: %d tokens, accepted/drafted %s",
+        "specgate request %s %s %s: %d tokens, accepted/drafted %s%s",
         stats.request_id or "-",
         path,
-        "done" if finished else "aborted",
+        outcome,
         stats.tokens,
         accepted,
+        prompt,
     )

@@ -82,8 +82,3 @@ def paired_speedup(pairs: Sequence[tuple[float | None, float | None]]) -> float 
     """
     ratios = [ratio for ratio in (speedup(c, b) for c, b in pairs) if ratio is not None]
     return median(ratios) if ratios else None
-
-
-def ratio_of_sums(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
-    total = sum(denominators)
-    return sum(numerators) / total if total > 0 else None

@@ -8,7 +8,7 @@ so even a proxy that does nothing costs throughput. This relay does nothing: it 
 path and the gateway, it separates what the hop costs on this machine from what the gateway's own
 work costs.
 
-Run: `python -m app.bench.relay LISTEN_PORT UPSTREAM_PORT` (loopback on both sides).
+Run: `python -m app.bench.tcp_relay LISTEN_PORT UPSTREAM_PORT` (loopback on both sides).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ async def serve(listen_port: int, upstream_port: int) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or not all(part.isdigit() for part in argv):
-        print("usage: python -m app.bench.relay LISTEN_PORT UPSTREAM_PORT", file=sys.stderr)
+        print("usage: python -m app.bench.tcp_relay LISTEN_PORT UPSTREAM_PORT", file=sys.stderr)
         return 2
     try:  # the gateway's own loop where it has one (uvicorn picks uvloop up the same way)
         import uvloop

@@ -146,7 +146,7 @@ def _size(size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `models ...` on its own (`python -m app.models.cli list`), e.g. before app/cli.py wires it."""
+    """Run `models ...` on its own (`python -m app.models.store_commands list`), e.g. before app/cli.py wires it."""
     parser = argparse.ArgumentParser(prog="specgate")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["models", *(sys.argv[1:] if argv is None else argv)])
