@@ -40,6 +40,9 @@ class Gateway:
             backoff_max=settings.restart_backoff_max,
             log_lines=settings.backend_log_lines,
             blas=settings.blas,
+            prompt_cache_dir=settings.prompt_cache_root,
+            prompt_cache_disk_bytes=settings.prompt_cache_disk_bytes,
+            prompt_cache_min_tokens=settings.prompt_cache_min_tokens,
         )
         self.pool = BackendPool(timing, settings.max_backends, self.resolve, self.http)
         # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.

@@ -72,6 +72,9 @@ class RequestMetrics:
         )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of served requests")
         self.cached_tokens = counter("prompt_tokens_cached", "Prompt tokens read from the backend's prompt cache")
+        self.disk_cached_tokens = counter(
+            "prompt_tokens_cached_disk", "Of the cached prompt tokens, those restored from the prompt cache on disk"
+        )
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.drafts = counter("spec_decode_num_drafts", "Verification rounds that carried at least one drafted token")
         self.draft_tokens = counter("spec_decode_num_draft_tokens", "Tokens proposed by the draft model")
@@ -117,6 +120,7 @@ class RequestMetrics:
         self.requests.labels(*labels, record.outcome).inc()
         self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
         self.cached_tokens.labels(*labels).inc(record.cached_tokens)
+        self.disk_cached_tokens.labels(*labels).inc(record.disk_cached_tokens)
         self.generation_tokens.labels(*labels).inc(record.generation_tokens)
         self._observe_spec(labels, record)
         if record.outcome == "success":

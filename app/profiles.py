@@ -81,6 +81,9 @@ class BackendOptions(_Strict):
     max_concurrency: int = Field(default=1, ge=1, le=64)
     # The BLAS for this backend (app/blas.py); None: the gateway's SPECGATE_BLAS.
     blas: str | None = None
+    # Bytes of prompt caches this backend's models may keep on disk (app/launcher/disk_tier.py); None: the
+    # gateway's SPECGATE_PROMPT_CACHE_DISK_BYTES; 0: memory only.
+    prompt_cache_disk_bytes: int | None = Field(default=None, ge=0)
 
     @field_validator("blas")
     @classmethod

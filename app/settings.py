@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     header_timeout: float = Field(default=30.0, gt=0)
     body_timeout: float = Field(default=120.0, gt=0)
 
+    # Prompt caches on disk (app/launcher/disk_tier.py): backends keep prompts' KV caches below this
+    # directory (default: `.prompt-cache` in the model store), one subdirectory per model identity of at
+    # most `prompt_cache_disk_bytes` (0: memory only; a profile's `backend.prompt_cache_disk_bytes` wins),
+    # and restore them after a restart, TTL unload or eviction. A prompt is saved when at least
+    # `prompt_cache_min_tokens` of it are not on disk yet.
+    prompt_cache_dir: Path | None = None
+    prompt_cache_disk_bytes: int = Field(default=4 << 30, ge=0)
+    prompt_cache_min_tokens: int = Field(default=256, ge=1)
+
     # Access (app/auth.py). Keys: comma- or whitespace-separated here, and/or one a line in the file.
     api_keys: str = Field(default="", repr=False)
     api_key_file: Path | None = None
@@ -83,6 +92,11 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # "json": one JSON object per log line, with the request id (app/logging_setup.py).
     log_format: Literal["text", "json"] = "text"
+
+    @property
+    def prompt_cache_root(self) -> Path:
+        # The store's layout (app/models/store.py) names this directory.
+        return self.prompt_cache_dir or self.model_store / ".prompt-cache"
 
     @field_validator("blas")
     @classmethod

@@ -88,6 +88,10 @@ class BackendTiming:
     log_lines: int = 2000
     # SPECGATE_BLAS: the BLAS of backends whose profile names none (app/blas.py).
     blas: str = "auto"
+    # Prompt caches on disk (SPECGATE_PROMPT_CACHE_*); None or 0 bytes: memory only.
+    prompt_cache_dir: Path | None = None
+    prompt_cache_disk_bytes: int = 0
+    prompt_cache_min_tokens: int = 256
 
 
 @dataclass
@@ -407,6 +411,7 @@ class Backend:
                 # One request at a time: mlx_lm's batch generator buys nothing and decodes slower than the
                 # single-stream path (1.3-1.5x on an H100, ~2 % on a CPU); speculative backends use that path too.
                 argv += ["--single-stream"]
+            argv += self._prompt_cache_flags()
         argv += ["--host", "127.0.0.1", "--port", str(self.port), *options.args]
         env = dict(os.environ)
         if not options.allow_hub:
@@ -415,6 +420,22 @@ class Backend:
         blas_plan(options.blas or self.timing.blas).apply(env)
         env.update(dict(options.env))
         return argv, env
+
+    def _prompt_cache_flags(self) -> list[str]:
+        options = self.spec.options
+        limit = self.timing.prompt_cache_disk_bytes
+        if options.prompt_cache_disk_bytes is not None:
+            limit = options.prompt_cache_disk_bytes
+        if self.timing.prompt_cache_dir is None or limit == 0:
+            return []
+        return [
+            "--prompt-cache-dir",
+            str(self.timing.prompt_cache_dir),
+            "--prompt-cache-disk-bytes",
+            str(limit),
+            "--prompt-cache-min-tokens",
+            str(self.timing.prompt_cache_min_tokens),
+        ]
 
     def _resolved(self, value: str, field_name: str) -> str:
         status = self._resolve(value)

@@ -177,6 +177,28 @@ def local_gateway(
             _stop(process)
 
 
+@contextlib.contextmanager
+def serve(profiles_dir: Path, log_path: Path, env: dict[str, str]) -> Iterator[str]:
+    """`specgate serve` on a free loopback port with `profiles_dir` and `env` on top of ours; yields its URL
+    once healthy, and stops it (and so its backends) on exit."""
+    port = free_port()
+    command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--profiles-dir", str(profiles_dir)]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [*command, "--no-prepare"],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, process, log_path, 60.0)
+        yield url
+    finally:
+        _stop(process)
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

@@ -6,6 +6,8 @@ namespace with subclasses or wrappers:
 - `stats.py`: per-request speculative-decoding figures and timings, backend-wide counters, the requests
   in progress (`/specgate/stats`).
 - `cache_fixes.py`: a prompt cache that fixes bugs B1 and B2 of mlx-lm 0.32.2.
+- `disk_tier.py`, `prompt_store.py`, `prompt_files.py`: that prompt cache backed by files on disk, which
+  outlive the process (restart, TTL unload, eviction).
 - `loading.py`: dtype cast after loading, the load event.
 - `http_handler.py`: the HTTP handler: in-band figures, `/specgate/stats`, request-id logging.
 - `prefill.py`: an answer that starts with given text (a forced tool call's opening).

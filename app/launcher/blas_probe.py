@@ -48,6 +48,11 @@ class BlasReport:
     def as_event(self) -> dict[str, object]:
         return asdict(self)
 
+    @property
+    def identity(self) -> str:
+        """The library and its version, without the timing: `summary` says "(slow)" when the machine is busy."""
+        return f"{Path(self.library).name if self.library else 'none'} {self.version or ''}".strip()
+
 
 class _DlInfo(ctypes.Structure):
     _fields_ = (

@@ -289,3 +289,8 @@ def counting_batch_generator(base: type[Any], counters: BackendCounters) -> type
             return super().remove(uids, *args, **kwargs)
 
     return CountingBatchGenerator
+
+
+def current_request_stats() -> RequestStats | None:
+    """The stats of the request `_serve_single` serves on this thread; None elsewhere (the batch path)."""
+    return _current_stats()

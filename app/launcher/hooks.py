@@ -14,12 +14,14 @@ from mlx_lm import server
 
 from app.launcher.abandon import watching_speculative_step
 from app.launcher.cache_fixes import FixedPromptCache
+from app.launcher.disk_tier import DiskTier, DiskTieredPromptCache, launcher_numerics
 from app.launcher.generation import (
     AbandonAwareTimeBudget,
     SpecgateResponseGenerator,
     WatchedGenerationContext,
     counting_batch_generator,
     counting_stream_generate,
+    current_request_stats,
 )
 from app.launcher.http_handler import handler_class
 from app.launcher.loading import casting_load, model_provider_class
@@ -33,8 +35,13 @@ _server: Any = server
 _generate: Any = importlib.import_module("mlx_lm.generate")
 
 
-def install(options: LauncherOptions, counters: BackendCounters) -> None:
-    """Replace the hooked names in `mlx_lm.server`; call once, before `mlx_lm.server.main()`."""
+def install(
+    options: LauncherOptions, counters: BackendCounters, blas: str = "", attention: str = ""
+) -> DiskTier | None:
+    """Replace the hooked names in `mlx_lm.server`; call once, before `mlx_lm.server.main()`.
+
+    `blas` and `attention` (what serves the matmuls, how verification attention runs) decide KV values
+    too: they are part of the disk cache's identity. Returns the disk tier when there is one."""
     # Loading: `_load` calls `load` for the main and the draft model; `_generate` calls `load_default`.
     _server.load = casting_load(_server.load, options.dtype)
     _server.ModelProvider = model_provider_class(counters)
@@ -57,5 +64,23 @@ def install(options: LauncherOptions, counters: BackendCounters) -> None:
     )
     # `run` ignores its own `handler_class` argument and calls `_run_http_server` with the default.
     _server._run_http_server = functools.partial(_server._run_http_server, handler_class=handler_class(counters))
-    if options.cache_fixes:
-        _server.LRUPromptCache = FixedPromptCache
+    if not options.cache_fixes:
+        return None
+    _server.LRUPromptCache = FixedPromptCache
+    if options.disk_cache is None:
+        return None
+    # The disk tier stands behind the fixed cache: without the fixes (diagnostics) it stays off.
+    single_path = options.single_stream or options.prompt_lookup is not None
+    numerics = launcher_numerics(options.dtype, single_path, blas, attention)
+    tier = DiskTier(options.disk_cache, numerics, _count_restored_tokens)
+    _server.LRUPromptCache = functools.partial(DiskTieredPromptCache, tier=tier)
+    counters.add_section("prompt_cache_disk", tier.snapshot)
+    return tier
+
+
+def _count_restored_tokens(tokens: int) -> None:
+    # Restores happen while `_serve_single` serves the request; the batch path has no per-request
+    # stats there, and its requests report disk tokens only inside `cached_tokens`.
+    stats = current_request_stats()
+    if stats is not None:
+        stats.disk_cached_tokens = tokens

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+from app.launcher.disk_tier import DiskTierSettings
 from app.launcher.loading import DTYPES
 from app.launcher.lookup import LookupSettings
 from app.launcher.verify_attention import MODES as VERIFY_ATTENTION_MODES
+
+DEFAULT_DISK_BYTES = 4 << 30
+DEFAULT_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,8 @@ class LauncherOptions:
     verify_attention: str = "auto"
     # Serve every request through `stream_generate` (one at a time), never the batch generator.
     single_stream: bool = False
+    # Prompt caches on disk (app/launcher/disk_tier.py); None: memory only.
+    disk_cache: DiskTierSettings | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve requests one at a time through the single-stream path, never mlx_lm's batch generator "
         "(the gateway sets it where it sends one request at a time: that path decodes faster)",
     )
+    parser.add_argument(
+        "--prompt-cache-dir",
+        type=Path,
+        help="keep prompt caches on disk below this directory (one subdirectory per model identity), so that "
+        "they survive a restart; default: memory only",
+    )
+    parser.add_argument(
+        "--prompt-cache-disk-bytes",
+        type=int,
+        default=DEFAULT_DISK_BYTES,
+        help=f"most bytes the disk cache of this model identity may take (default {DEFAULT_DISK_BYTES})",
+    )
+    parser.add_argument(
+        "--prompt-cache-min-tokens",
+        type=int,
+        default=DEFAULT_MIN_TOKENS,
+        help="save a prompt when at least this many of its tokens are not on disk yet, and restore from disk "
+        f"when that gives at least this many more than memory (default {DEFAULT_MIN_TOKENS})",
+    )
     return parser
 
 
@@ -85,11 +112,24 @@ def parse_args(argv: list[str]) -> tuple[LauncherOptions, list[str]]:
             lookup = LookupSettings(namespace.lookup_min_ngram, namespace.lookup_max_ngram)
         except ValueError as error:
             parser.error(str(error))
+    disk_cache = None
+    if namespace.prompt_cache_dir is not None:
+        if namespace.prompt_cache_disk_bytes < 0 or namespace.prompt_cache_min_tokens < 1:
+            parser.error("--prompt-cache-disk-bytes must be >= 0 and --prompt-cache-min-tokens >= 1")
+        if any(arg.startswith("--kv-b") for arg in rest):  # mlx_lm.server also takes abbreviations
+            # Quantized KV caches are not saved, and plain ones must not be restored into a run that
+            # quantizes: its cold KV values differ. Off rather than wrong.
+            print("specgate launcher: --kv-bits: prompt caches stay in memory only", file=sys.stderr)
+        elif namespace.prompt_cache_disk_bytes > 0:
+            disk_cache = DiskTierSettings(
+                namespace.prompt_cache_dir, namespace.prompt_cache_disk_bytes, namespace.prompt_cache_min_tokens
+            )
     options = LauncherOptions(
         dtype=namespace.dtype,
         cache_fixes=namespace.cache_fixes,
         prompt_lookup=lookup,
         verify_attention=namespace.verify_attention,
         single_stream=namespace.single_stream,
+        disk_cache=disk_cache,
     )
     return options, rest

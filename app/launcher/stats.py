@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -106,6 +106,8 @@ class RequestStats:
     prompt_total: int | None = None
     # Its prompt processing was stopped because the client had gone.
     abandoned: bool = False
+    # Of the cached prompt tokens, those the disk tier restored (app/launcher/disk_tier.py).
+    disk_cached_tokens: int = 0
 
     def mark_started(self) -> None:
         self.started_at = time.perf_counter()
@@ -168,6 +170,7 @@ class RequestStats:
             "accepted_per_position": list(spec.accepted_per_position) if spec else [],
             "prompt_tokens": prompt_tokens,
             "cached_tokens": max(cached_tokens, 0),
+            "cached_tokens_disk": min(self.disk_cached_tokens, max(cached_tokens, 0)),
             "generation_tokens": generation_tokens,
             "prompt_seconds": _seconds(self.started_at, self.first_token_at),
             "generation_seconds": _seconds(self.first_token_at, self.last_token_at),
@@ -194,6 +197,7 @@ class BackendCounters:
         # Keyed by identity: request ids are the client's and need not be unique.
         self._active: dict[int, RequestStats] = {}
         self._dtypes: dict[str, str | None] = {"model_dtype": None, "draft_dtype": None}
+        self._sections: dict[str, Callable[[], dict[str, Any]]] = {}
 
     def request_started(self, stats: RequestStats) -> None:
         with self._lock:
@@ -227,9 +231,13 @@ class BackendCounters:
         with self._lock:
             self._dtypes = {"model_dtype": model, "draft_dtype": draft}
 
+    def add_section(self, name: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Another part's own figures, read at each snapshot (e.g. the disk tier's)."""
+        self._sections[name] = snapshot
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {
+            counters = {
                 "requests_started": self._requests_started,
                 "requests_finished": self._requests_finished,
                 "tokens_generated": self._tokens_generated,
@@ -239,3 +247,4 @@ class BackendCounters:
                 "requests": [stats.activity() for stats in self._active.values()],
                 **self._dtypes,
             }
+        return {**counters, **{name: snapshot() for name, snapshot in self._sections.items()}}

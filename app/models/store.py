@@ -7,6 +7,8 @@ Layout (everything specgate writes lives under the store root):
     <root>/.staging/<name>+<rand>/  a model being written; renamed to <root>/<name> when complete
     <root>/.downloads/<name>/       catalog wheels and the assembled GGUF of an unfinished pull
     <root>/.locks/<name>.lock       one writer per name (CLI and gateway may race)
+    <root>/.prompt-cache/<identity>/  prompt KV caches the backends keep on disk, one directory per model
+                                    identity (app/launcher/disk_tier.py); SPECGATE_PROMPT_CACHE_DIR moves them
 
 A directory without a manifest is not a model: the manifest is written last, and the directory
 appears only through an atomic rename, so a crash never leaves a half-written model in place.

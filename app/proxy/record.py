@@ -86,6 +86,8 @@ class RequestRecord:
     token_gaps: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    # Of `cached_tokens`, those the backend restored from its prompt cache on disk (the rest: memory).
+    disk_cached_tokens: int = 0
     generation_tokens: int = 0
     backend_prompt_seconds: float | None = None
     backend_generation_seconds: float | None = None
@@ -129,6 +131,8 @@ class RequestRecord:
         generation = data.get("generation_seconds")
         self.backend_prompt_seconds = float(prompt) if isinstance(prompt, int | float) else None
         self.backend_generation_seconds = float(generation) if isinstance(generation, int | float) else None
+        disk = data.get("cached_tokens_disk")
+        self.disk_cached_tokens = int(disk) if isinstance(disk, int) and disk > 0 else 0
         if self.draft_model is not None:
             self.spec = SpecStats.from_launcher(data)
 
@@ -204,6 +208,8 @@ class RequestRecord:
                 round(self.decode_tokens_per_second, 3) if self.decode_tokens_per_second is not None else None
             ),
             "cache_n": self.cached_tokens,
+            # Not llama.cpp's: how many of cache_n came from the prompt cache on disk.
+            "cache_disk_n": self.disk_cached_tokens,
         }
         if self.spec is not None:
             result["draft_n"] = self.spec.num_draft_tokens
@@ -221,7 +227,8 @@ class RequestRecord:
         parts = [f"{self.request_id} {self.profile} {self.outcome}"]
         if self.finish_reason:
             parts.append(f"finish={self.finish_reason}")
-        parts.append(f"prompt={self.prompt_tokens} (cached {self.cached_tokens}) gen={self.generation_tokens}")
+        disk = f", {self.disk_cached_tokens} from disk" if self.disk_cached_tokens else ""
+        parts.append(f"prompt={self.prompt_tokens} (cached {self.cached_tokens}{disk}) gen={self.generation_tokens}")
         if self.ttft is not None:
             parts.append(f"ttft={self.ttft * 1000:.0f}ms")
         if self.decode_tokens_per_second is not None:

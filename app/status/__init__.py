@@ -89,6 +89,7 @@ def record_json(record: RequestRecord, now: float) -> dict[str, Any]:
         "age_seconds": round(now - finished, 2),
         "prompt_tokens": record.prompt_tokens,
         "cached_tokens": record.cached_tokens,
+        "disk_cached_tokens": record.disk_cached_tokens,
         "generation_tokens": record.generation_tokens,
         "queue_ms": _ms(record.queue_seconds),
         "ttft_ms": _ms(record.ttft),
