@@ -35,6 +35,7 @@ from app.bench.client import BenchError
 from app.bench.local import INSTANT, REAL, TINY, LocalGateway, local_gateway
 from app.bench.rawhttp import Timing, post_stream
 from app.bench.report import markdown_table, text_table
+from app.bench.runner import stderr_progress
 from app.bench.sample_stats import percentile
 
 GOAL_ADDED_P50_C1_MS = 0.5
@@ -493,11 +494,8 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         relay=not args.no_relay,
     )
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     try:
-        result = run_overhead(config, progress)
+        result = run_overhead(config, stderr_progress)
     except BenchError as error:
         print(f"specgate bench overhead: {error}", file=sys.stderr)
         return 1

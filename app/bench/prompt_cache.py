@@ -36,6 +36,7 @@ from app.bench import machine
 from app.bench.arguments import write_output
 from app.bench.client import BenchError, Sample, backend_blas, stream_chat
 from app.bench.local import serve
+from app.bench.runner import stderr_progress
 
 DEFAULT_PROFILE = "speculative/qwen2.5-coder-1.5b-balanced"
 QUESTIONS = {
@@ -253,11 +254,8 @@ def cmd_prompt_cache(args: argparse.Namespace) -> int:
         cold_check=args.cold_check,
     )
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     try:
-        result = run_prompt_cache(config, progress)
+        result = run_prompt_cache(config, stderr_progress)
     except BenchError as error:
         print(f"specgate bench prompt-cache: {error}", file=sys.stderr)
         return 1
