@@ -24,6 +24,7 @@ from app.bench.capacity import (
     nodes_to_keep_up,
     plan_team,
     random_split,
+    service_cv2,
     service_seconds,
     think_for_turns_per_hour,
 )
@@ -88,6 +89,29 @@ def test_wait_quantile_of_an_m_m_1() -> None:
     light = Queue(1, 0.02, 10.0)
     assert light.wait_quantile(0.75) == 0.0
     assert light.wait_quantile(0.85) > 0.0
+
+
+def test_a_spread_service_time_scales_the_waits_allen_cunneen() -> None:
+    exponential = Queue(3, 0.1, 20.0)
+    spread = Queue(3, 0.1, 20.0, service_cv2=3.0)  # (1 + 3) / 2: twice the waits
+    assert spread.p_wait == exponential.p_wait
+    assert spread.mean_wait_s == pytest.approx(2 * exponential.mean_wait_s)
+    assert spread.wait_quantile(0.9) == pytest.approx(2 * exponential.wait_quantile(0.9))
+    assert Queue(3, 0.1, 20.0, service_cv2=0.0).mean_wait_s == pytest.approx(exponential.mean_wait_s / 2)  # M/D/c
+
+
+def test_prefix_misses_make_the_service_time_hyperexponential() -> None:
+    node = NodeSpeed(prefill_tps=10.0, decode_tps=5.0, turn_overhead_s=4.0)
+    assert service_cv2(node, TurnShape(7000, 100, 50)) == 1.0
+    # Hits take 24 s, misses 714 s; one turn in ten misses.
+    hit, miss, share = 24.0, 714.0, 0.1
+    mean = 0.9 * hit + share * miss
+    expected = 2 * (0.9 * hit**2 + share * miss**2) / mean**2 - 1
+    assert service_cv2(node, TurnShape(7000, 100, 50, prefix_miss=0.1)) == pytest.approx(expected)
+    assert expected > 5  # so the waits are several times the exponential model's
+    row = plan_team(10, node, TurnShape(7000, 100, 50, prefix_miss=0.1), 60.0, Target(60.0))
+    assert row.open_queue is not None
+    assert row.open_queue.service_cv2 == pytest.approx(expected)
 
 
 def test_queue_limit_is_the_smallest_that_refuses_at_most_the_share() -> None:

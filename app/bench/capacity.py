@@ -88,6 +88,20 @@ def service_seconds(node: NodeSpeed, turn: TurnShape) -> float:
     return node.turn_overhead_s + turn.computed_tokens / node.prefill_tps + turn.output_tokens / node.decode_tps
 
 
+def service_cv2(node: NodeSpeed, turn: TurnShape) -> float:
+    """The squared coefficient of variation of a turn's service time: 1 for the exponential times the models
+    assume; with prefix misses, that of a mix of two exponentials (hits, and misses that process the whole
+    prompt), which is what a miss costing ~50x a hit does to the spread."""
+    if turn.prefix_miss == 0.0:
+        return 1.0
+    hit = service_seconds(node, TurnShape(turn.prompt_tokens, turn.new_tokens, turn.output_tokens))
+    miss = service_seconds(node, TurnShape(turn.prompt_tokens, turn.prompt_tokens, turn.output_tokens))
+    share = turn.prefix_miss
+    mean = (1.0 - share) * hit + share * miss
+    second_moment = 2.0 * ((1.0 - share) * hit**2 + share * miss**2)
+    return second_moment / mean**2 - 1.0
+
+
 # ----- the open model: M/M/c (Erlang C) -------------------------------------------------------------------
 
 
@@ -120,10 +134,14 @@ class Queue:
     servers: int
     arrival_rate: float
     service_s: float
+    # Squared coefficient of variation of the service time; 1: exponential (M/M/c). Otherwise the waits are
+    # scaled by (1 + cv2) / 2, the Allen-Cunneen approximation for M/G/c (P(wait) and the queue-length
+    # figures stay M/M/c's).
+    service_cv2: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.servers < 1 or self.arrival_rate < 0 or self.service_s <= 0:
-            raise CapacityError(f"a queue needs servers >= 1, arrivals >= 0, service > 0: {self}")
+        if self.servers < 1 or self.arrival_rate < 0 or self.service_s <= 0 or self.service_cv2 < 0:
+            raise CapacityError(f"a queue needs servers >= 1, arrivals >= 0, service > 0, cv2 >= 0: {self}")
 
     @property
     def offered(self) -> float:
@@ -143,8 +161,9 @@ class Queue:
         return erlang_c(self.servers, self.offered)
 
     def _drain_rate(self) -> float:
-        """Rate at which the queue ahead of a waiting turn empties, net of arrivals: (c - a) / S."""
-        return (self.servers - self.offered) / self.service_s
+        """Rate at which the queue ahead of a waiting turn empties, net of arrivals: (c - a) / S (scaled down
+        for a service time more spread than exponential)."""
+        return (self.servers - self.offered) / self.service_s / ((1.0 + self.service_cv2) / 2.0)
 
     @property
     def mean_wait_s(self) -> float:
@@ -200,10 +219,10 @@ class Queue:
         return k
 
 
-def random_split(servers: int, arrival_rate: float, service_s: float) -> Queue:
+def random_split(servers: int, arrival_rate: float, service_s: float, service_cv2: float = 1.0) -> Queue:
     """One node's queue when turns are split among `servers` nodes at random: an M/M/1 at 1/c of the load.
     A router that picks the shortest queue does better than this and worse than one shared queue (M/M/c)."""
-    return Queue(1, arrival_rate / servers, service_s)
+    return Queue(1, arrival_rate / servers, service_s, service_cv2)
 
 
 # ----- the closed model: N users, M/M/c//N ----------------------------------------------------------------
@@ -399,10 +418,11 @@ def plan_team(
     if think_s < 0:
         raise CapacityError("think time must not be negative")
     service = service_seconds(node, turn)
+    cv2 = service_cv2(node, turn)
     rate = users / (think_s + service)
 
     def open_queue(c: int) -> Queue:
-        return random_split(c, rate, service) if random_routing else Queue(c, rate, service)
+        return random_split(c, rate, service, cv2) if random_routing else Queue(c, rate, service, cv2)
 
     def open_meets(c: int) -> bool:
         q = open_queue(c)

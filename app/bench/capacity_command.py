@@ -25,6 +25,7 @@ from app.bench.capacity import (
     gateway_limits,
     nodes_to_keep_up,
     plan_team,
+    service_cv2,
     service_seconds,
     think_for_turns_per_hour,
 )
@@ -33,17 +34,19 @@ from app.bench.sample_stats import percentile
 
 DEFAULT_USERS = [1, 2, 5, 10, 20, 50]
 
-# This project's machine (a 2-core Xeon under KVM, MKL, the default speculative profile, float32), from
-# docs/scale.md, which says where each figure was measured. Flags and --from-* files replace them.
+# This project's machine (a 2-core Xeon under KVM, MKL, the default speculative profile, float32): what
+# `--from-prompt-cache docs/results/cpu-prompt-cache.json --from-bench docs/results/cpu-coding.json` reads
+# (docs/scale.md says where each was measured). Flags and --from-* files replace them.
+_COLD_PREFILL_TPS = 7207 / 764.578
 DEFAULTS: dict[str, float] = {
-    # OpenCode's cold 7,207-token first turn took 764.6 s to its first token (docs/benchmarks.md): the
-    # prefill rate at the context length of an OpenCode session.
-    "prefill_tps": 7207 / 764.6,
-    # `balanced` on the coding prompts (docs/benchmarks.md, issue 15): 6.77 tokens/s.
+    # OpenCode's cold 7,207-token first turn took 764.6 s to its first token: the prefill rate at the
+    # context length of an OpenCode session.
+    "prefill_tps": _COLD_PREFILL_TPS,
+    # `balanced` on the coding prompts (issue 15): 6.77 tokens/s (short prompts; slower at 7k tokens).
     "decode_tps": 6.77,
-    # A cached OpenCode turn's time to first token less its new tokens' prefill: 16.2 s for 105 new tokens.
-    "turn_overhead_s": 16.2 - 105 / (7207 / 764.6),
-    "prompt_tokens": 7300,
+    # A new session's cached first turn: 8.59 s to the first token for its 19 new tokens.
+    "turn_overhead_s": 8.594 - 19 / _COLD_PREFILL_TPS,
+    "prompt_tokens": 7211,
     "new_tokens": 400,
     "output_tokens": 120,
     "think_s": 60.0,
@@ -219,7 +222,13 @@ def notes(inputs: Inputs, node: NodeSpeed, turn: TurnShape, target: Target, args
         f"one turn on one node: {service:.1f} s = {node.turn_overhead_s:.1f} s fixed + "
         f"{turn.computed_tokens:.0f} prompt tokens / {node.prefill_tps:.1f} tok/s + "
         f"{turn.output_tokens} output tokens / {node.decode_tps:.2f} tok/s"
-        + (f" (prefix missed on {turn.prefix_miss:.0%} of turns)" if turn.prefix_miss else ""),
+        + (
+            f" (prefix missed on {turn.prefix_miss:.0%} of turns: service times spread as a mix of two "
+            f"exponentials, cv^2 = {service_cv2(node, turn):.1f}; Erlang C waits scaled by (1 + cv^2) / 2, "
+            "Allen-Cunneen; the N USERS columns stay exponential)"
+            if turn.prefix_miss
+            else ""
+        ),
         f"users think {v['think_s']:.0f} s between an answer and their next turn; target: "
         f"p{target.quantile * 100:g} wait <= {_seconds(target.wait_s)}, at most {target.refusal:.0%} refused "
         f"(429) at max_queue",
@@ -292,11 +301,11 @@ def _users(text: str) -> list[int]:
 
 def build_inputs(args: argparse.Namespace) -> Inputs:
     inputs = Inputs()
-    if args.from_prompt_cache:
-        from_prompt_cache(inputs, args.from_prompt_cache)
     if args.from_bench:
-        # After prompt-cache: a bench run's prompts are short, but if it is given, its decode rate is wanted.
         from_bench(inputs, args.from_bench, args.profile)
+    if args.from_prompt_cache:
+        # After the bench: its prefill rate is OpenCode's context length, the bench's prompts are short.
+        from_prompt_cache(inputs, args.from_prompt_cache)
     if args.from_overhead:
         from_overhead(inputs, args.from_overhead)
     flags = {
@@ -350,6 +359,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
             "inputs": inputs.values,
             "sources": inputs.sources,
             "service_s": service_seconds(node, turn),
+            "service_cv2": service_cv2(node, turn),
             "target": {"wait_s": target.wait_s, "quantile": target.quantile, "refusal": target.refusal},
             "routing": args.routing,
             "prefix_miss": args.prefix_miss,
