@@ -368,7 +368,8 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         }
         write_output(args.json, json.dumps(document, indent=2))
     if args.markdown:
-        write_output(args.markdown, markdown_table(table) + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+        bullets = [f"  - {line.strip()}" if line.startswith("  ") else f"- {line}" for line in lines]
+        write_output(args.markdown, markdown_table(table) + "\n\n" + "\n".join(bullets) + "\n")
     if "-" not in (args.json, args.markdown):
         print(text_table(table) + "\n\n" + "\n".join(lines))
     return 0
