@@ -335,3 +335,12 @@ def test_the_command_refuses_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFi
     code, _, err = _run(["--new-tokens", "9000"], capsys)
     assert code == 2
     assert "new tokens <= prompt tokens" in err
+
+
+def test_the_command_writes_markdown_for_a_random_split(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["--routing", "random", "--users", "5", "--markdown", "-"], capsys)
+    assert code == 0
+    assert out.startswith("| USERS |")
+    assert "each node an M/M/1 with its own queue" in out
+    assert "- MAX_QUEUE with a random split is per node" in out
+    assert "  - decode_tps = " in out  # the inputs, one nested item each, with their source
