@@ -4,8 +4,11 @@ tiny scale. No timed assertions: speed is what the commands report, never what a
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -350,6 +353,34 @@ def test_overhead_runs_at_a_tiny_scale() -> None:
     assert document["comparisons"][1]["added_e2e_ms"]["p50"] is not None
     assert document["comparisons"][0]["relay"]["throughput_ratio"] is not None
     assert "bare relay" in text_report(result)
+    # The gateway's CPU is charged to the gateway path only, and split into per request and per token.
+    if sys.platform == "linux":
+        assert tiny.gateway.cpu_seconds is not None
+        assert tiny.gateway.cpu_seconds >= 0
+        assert tiny.direct.cpu_seconds is None
+        assert tiny.gateway.tokens == tiny.direct.tokens == 3 * 32
+        cpu = document["gateway_cpu"]
+        assert cpu is not None
+        assert cpu["ms_per_request"] >= 0
+        assert cpu["ms_per_token"] >= 0
+        assert cpu["tiny_model_tokens_per_request"] == 32
+        assert "gateway CPU (its process)" in text_report(result)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_process_cpu_seconds_counts_this_process_only() -> None:
+    from app.bench.machine import process_cpu_seconds
+
+    before = process_cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    after = process_cpu_seconds(os.getpid())
+    assert before is not None
+    assert after is not None
+    # The clock ticks in 10 ms steps; 0.2 s of spinning shows as at least 0.1 s.
+    assert after - before >= 0.1
+    assert process_cpu_seconds(2**22 + 1) is None  # above Linux's pid limit: no such process
 
 
 def test_overhead_real_model_phase(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ Modules, one concern each:
   local.py           a gateway + tiny model on loopback, for runs that need no setup
   overhead.py        direct vs through-the-gateway, same backend, same request stream
   discrimination.py  the five-query tool/no-tool check
+  capacity.py        the scale model: nodes and queue limit for N users (queueing formulas, pure)
+  capacity_command.py  `specgate bench capacity`: that model from measured figures
   tcp_relay.py       a bare byte relay: the floor of any proxy hop, for the overhead run
   arguments.py       command-line pieces the commands share (default URL, --profiles, output files)
   bench_command.py   `specgate bench` and its sub-commands' wiring

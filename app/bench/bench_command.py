@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.bench import discrimination, overhead, prompt_cache
+from app.bench import capacity_command, discrimination, overhead, prompt_cache
 from app.bench.arguments import DEFAULT_URL, parse_k_range, profile_names, write_output
 from app.bench.client import BenchError, normalize_url
 from app.bench.prompts import BUILTIN, PromptSetError, load_prompt_set
@@ -90,11 +90,12 @@ def register(subparsers: Any) -> None:
         help="measure speculative profiles against their baselines, the gateway's overhead, tool decisions",
         description="Measure decode speed, time to first token, acceptance and greedy equality of speculative "
         "profiles against their baseline twins, through a running gateway (or any OpenAI-compatible URL). "
-        "Sub-commands: overhead, discrimination, prompt-cache.",
+        "Sub-commands: overhead, discrimination, prompt-cache, capacity.",
     )
     _add_main_options(bench)
     bench.set_defaults(func=cmd_bench)
-    commands = bench.add_subparsers(dest="bench_command", metavar="{overhead,discrimination,prompt-cache}")
+    commands = bench.add_subparsers(dest="bench_command", metavar="{overhead,discrimination,prompt-cache,capacity}")
     overhead.register(commands)
     discrimination.register(commands)
     prompt_cache.register(commands)
+    capacity_command.register(commands)

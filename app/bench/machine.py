@@ -17,6 +17,20 @@ def load_average() -> list[float]:
         return []
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far, its children not counted; None where the system
+    does not say (Linux's /proc only)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count fields after its closing one.
+    fields = text[text.rindex(")") + 2 :].split()
+    # utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and the state.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_model() -> str:
     try:
         output = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5, check=False).stdout

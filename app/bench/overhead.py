@@ -14,6 +14,10 @@ The relay is the floor: what one more hop costs on this machine (a second connec
 a write and a process wake-up) with no work at all done in it. Gateway minus relay is what the
 gateway's own code costs.
 
+The gateway's own CPU time (its process only, from /proc) is read around every batch sent through it:
+CPU milliseconds per request and per streamed token, the figures the scale model (app/bench/capacity.py)
+weighs against a backend's time per token.
+
 The direct path sends what the gateway would send (`"model": "default_model"`, streaming with usage),
 so every path carries the same bytes from the backend.
 """
@@ -72,9 +76,13 @@ class PathFigures:
     throughput: list[float]
     decode: list[float]
     first_error: str | None = None
+    # Tokens streamed by the requests that succeeded, and the CPU seconds the gateway process spent while
+    # they ran (None: not measured, on the direct and relay paths or where /proc is missing).
+    tokens: int = 0
+    cpu_seconds: float | None = None
 
     @classmethod
-    def from_timings(cls, timings: list[Timing], seconds: float) -> PathFigures:
+    def from_timings(cls, timings: list[Timing], seconds: float, cpu_seconds: float | None = None) -> PathFigures:
         good = [t for t in timings if t.ok]
         errors = [t.error for t in timings if not t.ok]
         return cls(
@@ -86,6 +94,8 @@ class PathFigures:
             throughput=[t.throughput for t in good if t.throughput is not None],
             decode=[t.decode_rate for t in good if t.decode_rate is not None],
             first_error=errors[0] if errors else None,
+            tokens=sum(t.tokens for t in good),
+            cpu_seconds=cpu_seconds,
         )
 
     def merge(self, other: PathFigures) -> PathFigures:
@@ -98,6 +108,8 @@ class PathFigures:
             self.throughput + other.throughput,
             self.decode + other.decode,
             self.first_error or other.first_error,
+            self.tokens + other.tokens,
+            None if self.cpu_seconds is None or other.cpu_seconds is None else self.cpu_seconds + other.cpu_seconds,
         )
 
     @property
@@ -106,6 +118,16 @@ class PathFigures:
 
     def ms(self, values: list[float], q: float) -> float | None:
         return percentile(values, q) * 1000.0 if values else None
+
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        served = self.requests - self.errors
+        return None if self.cpu_seconds is None or served <= 0 else self.cpu_seconds * 1000.0 / served
+
+    @property
+    def tokens_per_request(self) -> float | None:
+        served = self.requests - self.errors
+        return self.tokens / served if served > 0 else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +139,9 @@ class PathFigures:
             "e2e_ms": {"p50": self.ms(self.e2e, 50), "p99": self.ms(self.e2e, 99)},
             "tokens_per_second_p50": percentile(self.throughput, 50) if self.throughput else None,
             "decode_tokens_per_second_p50": percentile(self.decode, 50) if self.decode else None,
+            "tokens": self.tokens,
+            "cpu_seconds": self.cpu_seconds,
+            "cpu_ms_per_request": self.cpu_ms_per_request,
         }
 
 
@@ -211,6 +236,25 @@ class OverheadResult:
             goals.append((goal, real_ratio, _above(real_ratio, ratio_goal)))
         return goals
 
+    def gateway_cpu(self) -> dict[str, Any] | None:
+        """The gateway's CPU per request and per streamed token, from two phases: the instant backend at
+        concurrency 1 (a whole answer arrives in one or two socket reads: the per-request part) and the tiny
+        model (one read per token, as from a real model: what is left, per token). None if either is missing."""
+        instant, tiny = self.find(INSTANT, 1), self.find(TINY, 1)
+        if instant is None or tiny is None:
+            return None
+        per_request = instant.gateway.cpu_ms_per_request
+        tiny_request, tiny_tokens = tiny.gateway.cpu_ms_per_request, tiny.gateway.tokens_per_request
+        if per_request is None or tiny_request is None or not tiny_tokens:
+            return None
+        return {
+            "ms_per_request": per_request,
+            # Clamped: on a busy machine the two phases' noise can exceed the difference.
+            "ms_per_token": max(0.0, (tiny_request - per_request) / tiny_tokens),
+            "tiny_model_ms_per_request": tiny_request,
+            "tiny_model_tokens_per_request": tiny_tokens,
+        }
+
     def floors(self) -> list[str]:
         """What the bare relay cost on the same figures: the part of each that no proxy avoids here."""
         figures: list[tuple[str, Comparison | None, Callable[[Comparison], float | None], str]] = [
@@ -248,6 +292,7 @@ class OverheadResult:
             "comparisons": [c.as_dict() for c in self.comparisons],
             "goals": [{"goal": goal, "value": value, "met": met} for goal, value, met in self.goals()],
             "floors": self.floors(),
+            "gateway_cpu": self.gateway_cpu(),
         }
 
 
@@ -278,10 +323,28 @@ def bodies(model: str, tokens: int) -> tuple[bytes, bytes]:
 class Target:
     port: int
     body: bytes
+    # The process whose CPU time a batch on this path is charged with (the gateway's), if any.
+    cpu_pid: int | None = None
 
 
-async def _batch(target: Target, count: int, concurrency: int) -> tuple[list[Timing], float]:
-    """`count` requests with `concurrency` in flight; returns their timings and the wall time."""
+@dataclass
+class Batch:
+    timings: list[Timing]
+    seconds: float
+    cpu_seconds: float | None
+
+    def figures(self) -> PathFigures:
+        return PathFigures.from_timings(self.timings, self.seconds, self.cpu_seconds)
+
+
+def _cpu(pid: int | None) -> float | None:
+    return None if pid is None else machine.process_cpu_seconds(pid)
+
+
+async def _batch(target: Target, count: int, concurrency: int) -> Batch:
+    """`count` requests with `concurrency` in flight: their timings, the wall time, the CPU time of the
+    target's process meanwhile."""
+    cpu_before = _cpu(target.cpu_pid)
     timings: list[Timing] = []
     remaining = count
 
@@ -293,7 +356,10 @@ async def _batch(target: Target, count: int, concurrency: int) -> tuple[list[Tim
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(min(concurrency, count))))
-    return timings, time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    cpu_after = _cpu(target.cpu_pid)
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return Batch(timings, elapsed, cpu)
 
 
 def _rotated(paths: dict[str, Target], index: int) -> list[tuple[str, Target]]:
@@ -311,16 +377,13 @@ async def sequential_phase(
     phase: str, paths: dict[str, Target], count: int, progress: Progress, label: str = "real backend"
 ) -> Comparison:
     """One request at a time, rotating the path and which path goes first."""
-    results: dict[str, list[Timing]] = {name: [] for name in paths}
-    seconds = dict.fromkeys(paths, 0.0)
+    figures: dict[str, PathFigures] = {}
     for index in range(count):
         for name, target in _rotated(paths, index):
-            timings, elapsed = await _batch(target, 1, 1)
-            results[name] += timings
-            seconds[name] += elapsed
+            part = (await _batch(target, 1, 1)).figures()
+            figures[name] = part if name not in figures else figures[name].merge(part)
         if (index + 1) % max(1, count // 4) == 0:
             progress(f"overhead: {label}, {index + 1}/{count} request rounds")
-    figures = {name: PathFigures.from_timings(results[name], seconds[name]) for name in paths}
     return _comparison(phase, 1, figures)
 
 
@@ -331,8 +394,7 @@ async def concurrent_phase(
     per_round = max(1, count // rounds)
     for round_index in range(rounds):
         for name, target in _rotated(paths, round_index):
-            timings, elapsed = await _batch(target, per_round, concurrency)
-            part = PathFigures.from_timings(timings, elapsed)
+            part = (await _batch(target, per_round, concurrency)).figures()
             figures[name] = part if name not in figures else figures[name].merge(part)
     comparison = _comparison(INSTANT, concurrency, figures)
     rates = ", ".join(f"{figures[name].requests_per_second or 0:.0f} req/s {name}" for name in paths)
@@ -343,7 +405,10 @@ async def concurrent_phase(
 def _paths(local: LocalGateway, profile: str, tokens: int) -> dict[str, Target]:
     via, direct = bodies(profile, tokens)
     gateway_port = int(local.url.rsplit(":", 1)[1])
-    paths = {"direct": Target(local.backend_ports[profile], direct), "gateway": Target(gateway_port, via)}
+    paths = {
+        "direct": Target(local.backend_ports[profile], direct),
+        "gateway": Target(gateway_port, via, cpu_pid=local.pid),
+    }
     if profile in local.relay_ports:
         paths["relay"] = Target(local.relay_ports[profile], direct)
     return paths
@@ -453,6 +518,13 @@ def goal_lines(result: OverheadResult) -> list[str]:
         lines.append(
             f"errors at {c.phase}/{c.concurrency}: direct {c.direct.errors}, gateway {c.gateway.errors}, "
             f"relay {relay_errors} ({first})"
+        )
+    cpu = result.gateway_cpu()
+    if cpu is not None:
+        lines.append(
+            f"gateway CPU (its process): {cpu['ms_per_request']:.2f} ms per request (instant backend, "
+            f"concurrency 1) + {cpu['ms_per_token']:.3f} ms per streamed token (tiny model: "
+            f"{cpu['tiny_model_ms_per_request']:.2f} ms for {cpu['tiny_model_tokens_per_request']:.0f} tokens)"
         )
     lines.append(f"load average before {result.load_before}, after {result.load_after}")
     return lines
