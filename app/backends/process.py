@@ -33,6 +33,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from typing import Any
 import httpx
 
 from app.backends.connections import Connection, Heartbeat, Preconnected, open_connection
+from app.backends.distributed import LaunchPlan, launch_plan
 from app.backends.logs import BackendLog, pump_stream
 from app.blas import plan as blas_plan
 from app.errors import BackendStartFailed, ModelUnavailable
@@ -92,6 +94,8 @@ class BackendTiming:
     prompt_cache_dir: Path | None = None
     prompt_cache_disk_bytes: int = 0
     prompt_cache_min_tokens: int = 256
+    # Files the gateway writes for its backends (a distributed backend's hostfile); None: a temporary directory.
+    run_dir: Path | None = None
 
 
 @dataclass
@@ -188,6 +192,8 @@ class Backend:
         self.failure: str | None = None
         # What the backend found serving its matmuls (the launcher's `blas` event); None until it says.
         self.blas: dict[str, Any] | None = None
+        # A distributed backend's mlx.launch command and hostfile, as of its last start (None: one process).
+        self.launch: LaunchPlan | None = None
         self._lock = asyncio.Lock()
         self._starting: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -375,6 +381,10 @@ class Backend:
         self.failure = None
         self.blas = None
         self.log.append("gateway", f"starting on port {self.port}: {' '.join(argv)}")
+        if self.launch is not None:
+            self.log.append(
+                "gateway", f"{self.launch.ranks} ranks; the same with MLX's launcher: {self.launch.mlx_launch}"
+            )
         try:
             await self._spawn(argv, env)
             await self._wait_ready()
@@ -413,12 +423,17 @@ class Backend:
                 argv += ["--single-stream"]
             argv += self._prompt_cache_flags()
         argv += ["--host", "127.0.0.1", "--port", str(self.port), *options.args]
+        # What every rank needs, remote ones included (they do not inherit the gateway's environment).
+        rank_env = {"PYTHONUNBUFFERED": "1", **({} if options.allow_hub else {"HF_HUB_OFFLINE": "1"})}
+        rank_env.update(dict(options.env))
         env = dict(os.environ)
-        if not options.allow_hub:
-            env["HF_HUB_OFFLINE"] = "1"
-        env["PYTHONUNBUFFERED"] = "1"
         blas_plan(options.blas or self.timing.blas).apply(env)
-        env.update(dict(options.env))
+        env.update(rank_env)
+        if self.spec.distributed is not None:
+            run_dir = self.timing.run_dir or Path(tempfile.gettempdir()) / "specgate-run"
+            hostfile = run_dir / f"{self.name}.hostfile.json"
+            self.launch = launch_plan(self.spec.distributed, argv, rank_env, hostfile)
+            argv = self.launch.argv
         return argv, env
 
     def _prompt_cache_flags(self) -> list[str]:
