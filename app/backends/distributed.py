@@ -159,7 +159,7 @@ def launch_plan(
     arguments = ["--backend", distributed.backend, *placement, *port_flags, *env_flags, "--", *command]
     shown = [
         shown_env(*item.split("=", 1)) if previous == "--env" else item
-        for previous, item in zip(["", *arguments], arguments, strict=True)
+        for previous, item in zip(["", *arguments[:-1]], arguments, strict=True)
     ]
     mlx_launch = shlex.join([str(Path(sys.executable).with_name("mlx.launch")), *shown])
     return LaunchPlan([*MLX_LAUNCH_COMMAND, *arguments], mlx_launch, hostfile, ranks)
