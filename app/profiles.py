@@ -119,7 +119,7 @@ class Distributed(_Strict):
     """One model over several MLX ranks (`mlx.launch`): `ranks` on this host, or one rank per host of
     `hosts`, or the hosts of an MLX `hostfile` (JSON). Rank 0 serves HTTP; the gateway talks to it alone."""
 
-    ranks: int | None = Field(default=None, ge=1, le=64)
+    ranks: int | None = Field(default=None, ge=1, le=64, strict=True)
     hosts: Annotated[tuple[str, ...], Field(min_length=1, max_length=64)] | None = None
     # A path; relative paths are relative to the profile file's directory (resolved when loaded).
     hostfile: str | None = None
