@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from app.adaptive.collector import PlannerCollector
 from app.adaptive.planner import SpeculationPlanner
 from app.backends.pool import BackendPool
-from app.backends.process import Backend, BackendState, BackendTiming
+from app.backends.process import BackendState, BackendTiming
 from app.models.sources import SourceStatus, describe_source
-from app.profiles import Profile, ProfileSet
+from app.profiles import ProfileSet
 from app.proxy.handler import CompletionHandler
 from app.proxy.plan import pool_load
 from app.proxy.relay import RelayTimeouts
@@ -149,7 +149,7 @@ class Gateway:
                 "running": slot.admission.running,
                 "waiting": slot.admission.waiting,
                 "shared_with": [p for p in slot.profiles if p != profile.name],
-                "distributed": _distributed_info(profile, backend),
+                "distributed": backend.distributed_info(),
             },
         }
         if missing:
@@ -158,20 +158,3 @@ class Gateway:
 
     def backend_summary(self) -> dict[str, str]:
         return {slot.backend.name: slot.backend.state.value for slot in self.pool.slots.values()}
-
-
-def _distributed_info(profile: Profile, backend: Backend) -> dict[str, Any] | None:
-    """A distributed profile's placement, and the exact mlx.launch command and hostfile of its last start."""
-    distributed = profile.distributed
-    if distributed is None:
-        return None
-    launch = backend.launch
-    return {
-        "backend": distributed.backend,
-        "mode": distributed.mode,
-        "ranks": launch.ranks if launch is not None else distributed.ranks or len(distributed.hosts or ()) or None,
-        "hosts": list(distributed.hosts) if distributed.hosts is not None else None,
-        "hostfile": str(launch.hostfile) if launch is not None and launch.hostfile else distributed.hostfile,
-        # Ports are drawn at each start: the command is known once the backend has started.
-        "command": launch.mlx_launch if launch is not None else None,
-    }

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import PYTHON, GatewayProcess, chat, pid_alive, read_sse, running_gateway, toml_list, wait_for
+from tests.harness import PYTHON, ROOT, GatewayProcess, chat, pid_alive, read_sse, running_gateway, toml_list, wait_for
 
 # The ranks' program: mlx_lm.server itself (distributed without a draft model).
 RANK_COMMAND = [PYTHON, "-m", "mlx_lm", "server"]
@@ -133,6 +134,21 @@ def test_two_ranks_answer_like_one_process(tiny_model: Path, tmp_path: Path) -> 
         assert "--env SG_MARK=x" in command
         assert command.endswith(f"--port {models['pipe']['backend']['port']} --pipeline")
         assert models["tensor"]["backend"]["port"] != models["pipe"]["backend"]["port"]
+        # The same command on the status page's data and in `specgate profiles`.
+        backends = client.get("/status.json").json()["backends"]
+        assert [b["distributed"]["command"] for b in backends if "pipe" in b["profiles"]] == [command]
+        where = ["--profiles-dir", str(gateway.profiles_dir), "--url", gateway.url]
+        listing = subprocess.run(
+            [PYTHON, "-m", "app.cli", "profiles", *where, "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        rows = {row["profile"]: row for row in json.loads(listing.stdout)}
+        assert rows["pipe"]["ranks"] == "2x ring pipeline"
+        assert rows["pipe"]["mlx_launch"] == command
+        assert rows["one"]["ranks"] == "-"
         # Both ranks run, each a child of mlx.launch with its rank and the profile's environment.
         pids = two_ranks(gateway, "pipe")
         with open(f"/proc/{pids[1]}/environ", "rb") as environ:

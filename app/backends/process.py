@@ -231,6 +231,23 @@ class Backend:
         """The backend command's pid (its guard's child), once the guard has said it."""
         return self.command_pid if self.process is not None else None
 
+    def distributed_info(self) -> dict[str, Any] | None:
+        """A distributed backend's placement, and the exact mlx.launch command and hostfile of its last start
+        (ports are drawn at each start: the command is known once it has started); None for one process."""
+        distributed = self.spec.distributed
+        if distributed is None:
+            return None
+        launch = self.launch
+        hostfile = str(launch.hostfile) if launch is not None and launch.hostfile is not None else distributed.hostfile
+        return {
+            "backend": distributed.backend,
+            "mode": distributed.mode,
+            "ranks": launch.ranks if launch is not None else distributed.ranks or len(distributed.hosts or ()) or None,
+            "hosts": list(distributed.hosts) if distributed.hosts is not None else None,
+            "hostfile": hostfile,
+            "command": launch.mlx_launch if launch is not None else None,
+        }
+
     @property
     def blas_summary(self) -> str | None:
         """e.g. "mkl 2026.2" or "reference (slow)": what the backend reported at its last start."""

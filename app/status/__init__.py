@@ -173,6 +173,8 @@ def backend_json(slot: BackendSlot, now: float, activity: dict[str, Any] | None 
         "load_seconds": _round(backend.load_seconds, 2),
         "blas": backend.blas_summary,
         "blas_detail": backend.blas,
+        # Several MLX ranks: placement and the exact mlx.launch command (null for one process).
+        "distributed": backend.distributed_info(),
         "uptime_seconds": round(now - backend.ready_at, 1)
         if backend.ready_at is not None and backend.state.value == "ready"
         else None,
