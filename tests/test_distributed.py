@@ -160,6 +160,9 @@ def test_two_ranks_answer_like_one_process(tiny_model: Path, tmp_path: Path) -> 
         assert "[rank 1] " in log
         assert "Starting httpd" in "\n".join(line for line in log.splitlines() if "[rank 0] " in line)
         assert "the same with MLX's launcher" in log
+        every_rank = [*two_ranks(gateway, "tensor").values(), *pids.values()]
+    # The gateway's SIGTERM (running_gateway's end) stops every rank of every backend.
+    wait_for(lambda: all_gone(every_rank), 20, "the ranks to end with the gateway")
 
 
 def test_rank_killed_mid_stream_then_restart_and_no_rank_left(tiny_model: Path, tmp_path: Path) -> None:

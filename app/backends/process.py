@@ -391,7 +391,11 @@ class Backend:
             )
         if self.process is not None:
             await self._stop_locked("restarting")
-        argv, env = self._command()
+        if self.spec.distributed is None:
+            argv, env = self._command()
+        else:
+            # Resolving `hosts` may wait on DNS (mDNS names on macOS: seconds): not on the event loop.
+            argv, env = await asyncio.to_thread(self._command)
         self._become(BackendState.STARTING)
         self.started_at = time.monotonic()
         self.load_seconds = None
