@@ -1,10 +1,13 @@
 """Distributed profiles (issue 18 item 1): a backend of two MLX ranks on loopback (`mlx.launch`, ring backend)
 behind a real gateway, on a tiny generated float32 model.
 
-The ranks run plain `mlx_lm.server` (`backend.command`), which supports distributed mode without a draft.
+The ranks run plain `mlx_lm.server` (`backend.command`), which supports distributed mode without a draft; the
+launcher of this branch does not run under mlx.launch (its client watch travels in the request that rank 0
+broadcasts: "cannot pickle 'socket' object"). With the launcher's distributed support (issue 18 item 2) these
+tests passed with the launcher as the ranks' program too (no `backend.command`).
 Checked: greedy output equals the one-process profile's in tensor and pipeline mode; both ranks' lines in
 /logs; the exact mlx.launch command in /v1/models; a rank SIGKILLed mid-stream gives the client an error
-event, the backend restarts, no rank is left; TTL unload, reload and the gateway's SIGKILL leave no rank.
+event, the backend restarts, no rank is left; TTL unload, reload, the gateway's SIGTERM and SIGKILL leave no rank.
 """
 
 from __future__ import annotations
@@ -160,7 +163,16 @@ def test_two_ranks_answer_like_one_process(tiny_model: Path, tmp_path: Path) -> 
         assert "[rank 1] " in log
         assert "Starting httpd" in "\n".join(line for line in log.splitlines() if "[rank 0] " in line)
         assert "the same with MLX's launcher" in log
-        every_rank = [*two_ranks(gateway, "tensor").values(), *pids.values()]
+        # A reload that removes a profile stops its ranks.
+        tensor = two_ranks(gateway, "tensor")
+        text = (gateway.profiles_dir / "test.toml").read_text()
+        (gateway.profiles_dir / "test.toml").write_text(
+            text[: text.index('[profiles."tensor"]')] + text[text.index('[profiles."pipe"]') :]
+        )
+        gateway.signal(signal.SIGHUP)
+        wait_for(lambda: "tensor" not in gateway.models(), 10, "the reload")
+        wait_for(lambda: all_gone(tensor.values()), 20, "the removed profile's ranks to end")
+        every_rank = list(pids.values())
     # The gateway's SIGTERM (running_gateway's end) stops every rank of every backend.
     wait_for(lambda: all_gone(every_rank), 20, "the ranks to end with the gateway")
 
@@ -203,7 +215,7 @@ def test_rank_killed_mid_stream_then_restart_and_no_rank_left(tiny_model: Path, 
         gateway.stop()
 
 
-def test_unload_and_reload_stop_every_rank(tiny_model: Path, tmp_path: Path) -> None:
+def test_idle_unload_stops_every_rank(tiny_model: Path, tmp_path: Path) -> None:
     profiles = profile("dist", tiny_model, '{ ranks = 2, backend = "ring", mode = "pipeline" }', ttl="1")
     with running_gateway(tmp_path / "gw", profiles) as gateway, gateway.client(timeout=120) as client:
         assert generate(client, "dist", "hello")[1] > 0
@@ -211,10 +223,3 @@ def test_unload_and_reload_stop_every_rank(tiny_model: Path, tmp_path: Path) -> 
         launcher = gateway.backend_pid("dist")
         wait_for(lambda: gateway.models()["dist"]["state"] == "stopped", 20, "the idle backend to unload")
         assert all_gone([*first.values(), launcher])
-
-        assert generate(client, "dist", "hello")[1] > 0
-        second = two_ranks(gateway, "dist")
-        (gateway.profiles_dir / "test.toml").write_text(profile("other", tiny_model))
-        gateway.signal(signal.SIGHUP)
-        wait_for(lambda: "dist" not in gateway.models(), 10, "the reload")
-        wait_for(lambda: all_gone(second.values()), 20, "the removed profile's ranks to end")
