@@ -215,11 +215,19 @@ def test_rank_killed_mid_stream_then_restart_and_no_rank_left(tiny_model: Path, 
         gateway.stop()
 
 
-def test_idle_unload_stops_every_rank(tiny_model: Path, tmp_path: Path) -> None:
-    profiles = profile("dist", tiny_model, '{ ranks = 2, backend = "ring", mode = "pipeline" }', ttl="1")
+def test_hosts_list_through_the_written_hostfile_and_idle_unload(tiny_model: Path, tmp_path: Path) -> None:
+    """`hosts = [...]` for real without SSH: mlx.launch runs a host named 127.0.0.1 locally, from the hostfile
+    the gateway wrote."""
+    placement = '{ hosts = ["127.0.0.1", "127.0.0.1"], backend = "ring", mode = "pipeline" }'
+    profiles = profile("dist", tiny_model, placement, ttl="1")
     with running_gateway(tmp_path / "gw", profiles) as gateway, gateway.client(timeout=120) as client:
         assert generate(client, "dist", "hello")[1] > 0
         first = two_ranks(gateway, "dist")
+        shown = gateway.models()["dist"]["backend"]["distributed"]
+        hostfile = Path(shown["hostfile"])
+        assert hostfile.parent == tmp_path / "gw" / "store" / ".run"  # SPECGATE_RUN_DIR's default
+        assert json.loads(hostfile.read_text()) == [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2
+        assert f"--hostfile {hostfile} --starting-port " in shown["command"]
         launcher = gateway.backend_pid("dist")
         wait_for(lambda: gateway.models()["dist"]["state"] == "stopped", 20, "the idle backend to unload")
         assert all_gone([*first.values(), launcher])
