@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.status import read_rss_bytes
 from tests.harness import PYTHON, ROOT, GatewayProcess, chat, pid_alive, read_sse, running_gateway, toml_list, wait_for
 
 # The ranks' program: mlx_lm.server itself (distributed without a draft model).
@@ -139,7 +140,14 @@ def test_two_ranks_answer_like_one_process(tiny_model: Path, tmp_path: Path) -> 
         assert models["tensor"]["backend"]["port"] != models["pipe"]["backend"]["port"]
         # The same command on the status page's data and in `specgate profiles`.
         backends = client.get("/status.json").json()["backends"]
-        assert [b["distributed"]["command"] for b in backends if "pipe" in b["profiles"]] == [command]
+        [pipe_backend] = [b for b in backends if "pipe" in b["profiles"]]
+        assert pipe_backend["distributed"]["command"] == command
+        # Its memory counts the local ranks, which hold the weights, not only mlx.launch's own process.
+        launcher_rss = read_rss_bytes(pipe_backend["pid"])
+        rank_rss = [read_rss_bytes(pid) for pid in two_ranks(gateway, "pipe").values()]
+        assert launcher_rss is not None
+        assert None not in rank_rss
+        assert pipe_backend["rss_bytes"] > launcher_rss + min(rss for rss in rank_rss if rss is not None) // 2
         where = ["--profiles-dir", str(gateway.profiles_dir), "--url", gateway.url]
         listing = subprocess.run(
             [PYTHON, "-m", "app.cli", "profiles", *where, "--json"],
