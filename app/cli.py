@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from app.profiles import ProfileError, ProfileSet, load_profiles
+from app.profiles import Profile, ProfileError, ProfileSet, load_profiles
 from app.settings import Settings
 
 # Modules that add command groups: each exposes `register(subparsers) -> None`.
@@ -73,8 +73,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _placement(profile: Profile) -> str:
+    """A distributed profile's ranks in a word or two ("2x ring tensor", "mac1,mac2 ring pipeline"); "-" else."""
+    table = profile.distributed
+    if table is None:
+        return "-"
+    where = f"{table.ranks}x" if table.ranks is not None else ",".join(table.hosts or ()) or str(table.hostfile)
+    return f"{where} {table.backend} {table.mode}"
+
+
 def _profile_rows(profiles: ProfileSet, states: dict[str, str]) -> list[list[str]]:
-    rows = [["PROFILE", "MODEL", "DRAFT", "K", "STATE"]]
+    rows = [["PROFILE", "MODEL", "DRAFT", "K", "RANKS", "STATE"]]
     for profile in profiles:
         rows.append(
             [
@@ -82,6 +91,7 @@ def _profile_rows(profiles: ProfileSet, states: dict[str, str]) -> list[list[str
                 profile.model,
                 profile.draft_model or "-",
                 str(profile.num_draft_tokens) if profile.is_speculative else "-",
+                _placement(profile),
                 states.get(profile.name, "-"),
             ]
         )
@@ -92,17 +102,25 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     profiles = _load_or_exit(settings.profiles_dir)
     states: dict[str, str] = {}
+    commands: dict[str, str] = {}
     url = args.url or f"http://{settings.host}:{settings.port}"
     try:
         listing = httpx.get(f"{url}/v1/models", timeout=3.0, trust_env=False).json()
         states = {item["id"]: item.get("state", "?") for item in listing.get("data", [])}
-    except (httpx.HTTPError, ValueError):
+        # A distributed backend's exact mlx.launch command, once it has started.
+        commands = {
+            item["id"]: command
+            for item in listing.get("data", [])
+            if (command := ((item.get("backend") or {}).get("distributed") or {}).get("command"))
+        }
+    except (httpx.HTTPError, ValueError, AttributeError):
         states = {profile.name: "(gateway not running)" for profile in profiles}
     if args.json:
         print(
             json.dumps(
                 [
-                    dict(zip(["profile", "model", "draft", "k", "state"], row, strict=True))
+                    dict(zip(["profile", "model", "draft", "k", "ranks", "state"], row, strict=True))
+                    | ({"mlx_launch": commands[row[0]]} if row[0] in commands else {})
                     for row in _profile_rows(profiles, states)[1:]
                 ],
                 indent=2,
@@ -113,6 +131,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for name, command in commands.items():
+        print(f"\n{name}: {command}")
     return 0
 
 

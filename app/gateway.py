@@ -43,6 +43,7 @@ class Gateway:
             prompt_cache_dir=settings.prompt_cache_root,
             prompt_cache_disk_bytes=settings.prompt_cache_disk_bytes,
             prompt_cache_min_tokens=settings.prompt_cache_min_tokens,
+            run_dir=settings.run_root,
         )
         self.pool = BackendPool(timing, settings.max_backends, self.resolve, self.http)
         # Chooses k for `auto` profiles and routes to baseline twins; learns from every finished request.
@@ -148,6 +149,7 @@ class Gateway:
                 "running": slot.admission.running,
                 "waiting": slot.admission.waiting,
                 "shared_with": [p for p in slot.profiles if p != profile.name],
+                "distributed": backend.distributed_info(),
             },
         }
         if missing:

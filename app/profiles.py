@@ -10,12 +10,16 @@ A profile file holds any number of profiles:
 `draft_model = "prompt-lookup"` drafts without a draft model, by n-gram matching of prompt and output
 in the launcher; its settings go in an optional `prompt_lookup = { min_ngram = 2, max_ngram = 4 }`.
 
+`distributed = { ranks = 2, backend = "ring", mode = "pipeline" }` (or `hosts = [...]`, or `hostfile = "..."`)
+runs the backend as several MLX ranks started by MLX's launcher, `mlx.launch` (app/backends/distributed.py).
+
 Profiles whose backend settings are equal (`BackendSpec`) share one backend process; they may
 differ in `num_draft_tokens`, sampling, prompts and limits, which the gateway applies per request.
 """
 
 from __future__ import annotations
 
+import json
 import stat
 import tomllib
 import unicodedata
@@ -106,6 +110,65 @@ class BackendOptions(_Strict):
         return _no_nul(value)
 
 
+DistributedBackend = Literal["ring", "mpi", "jaccl", "jaccl-ring", "nccl"]
+# Backends whose hosts must be given with their RDMA devices, which only a hostfile can say.
+_NEEDS_HOSTFILE = ("jaccl", "jaccl-ring")
+
+
+class Distributed(_Strict):
+    """One model over several MLX ranks (`mlx.launch`): `ranks` on this host, or one rank per host of
+    `hosts`, or the hosts of an MLX `hostfile` (JSON). Rank 0 serves HTTP; the gateway talks to it alone."""
+
+    ranks: int | None = Field(default=None, ge=1, le=64, strict=True)
+    hosts: Annotated[tuple[str, ...], Field(min_length=1, max_length=64)] | None = None
+    # A path; relative paths are relative to the profile file's directory (resolved when loaded).
+    hostfile: str | None = None
+    backend: DistributedBackend = "ring"
+    # tensor: every layer split across the ranks; pipeline: the layers divided among them (`--pipeline`).
+    mode: Literal["tensor", "pipeline"] = "tensor"
+    # Set on every rank (`mlx.launch --env`), remote ones included.
+    env: tuple[tuple[str, str], ...] = ()
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value  # a tuple of pairs (made in code); anything else fails the type check
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise ValueError(f"the value of {key!r} must be a string")
+            if not key or not all(ch.isascii() and (ch.isalnum() or ch == "_") for ch in key) or key[0].isdigit():
+                # mlx.launch silently drops a name it cannot export; say so here instead.
+                raise ValueError(f"{key!r} is not an environment variable name (letters, digits, _)")
+        return tuple(sorted(value.items()))
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for host in value or ():
+            if (
+                not host
+                or host.startswith("-")
+                or any(ch.isspace() or ch in ",\x00" or not ch.isprintable() for ch in host)
+            ):
+                raise ValueError(f"{host!r} is not a host name (no spaces, commas or a leading '-')")
+        return value
+
+    @field_validator("hostfile", "env")
+    @classmethod
+    def _reaches_the_os(cls, value: Any) -> Any:
+        return _no_nul(value)
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> Distributed:
+        given = [name for name in ("ranks", "hosts", "hostfile") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of ranks, hosts or hostfile (got {', '.join(given) or 'none'})")
+        if self.backend in _NEEDS_HOSTFILE and self.hostfile is None:
+            raise ValueError(f'backend "{self.backend}" needs a hostfile that lists each host\'s RDMA devices')
+        return self
+
+
 class PromptLookup(_Strict):
     """N-gram sizes of prompt-lookup drafting (tokens); k per round is `num_draft_tokens`."""
 
@@ -153,6 +216,8 @@ class Profile(_Strict):
     routing: Routing | None = None
     # Settings of `draft_model = "prompt-lookup"` (defaults when absent); only with that draft.
     prompt_lookup: PromptLookup | None = None
+    # Several MLX ranks instead of one process (app/backends/distributed.py); None: one process.
+    distributed: Distributed | None = None
     source_file: str = ""
 
     @field_validator("model", "draft_model", "system_prompt_file")
@@ -198,7 +263,9 @@ class Profile(_Strict):
 
     @property
     def backend_spec(self) -> BackendSpec:
-        return BackendSpec(self.model, self.draft_model, self.dtype, self.backend, self.lookup_settings)
+        return BackendSpec(
+            self.model, self.draft_model, self.dtype, self.backend, self.lookup_settings, self.distributed
+        )
 
 
 @dataclass(frozen=True)
@@ -211,6 +278,9 @@ class BackendSpec:
     options: BackendOptions
     # Set when draft_model is PROMPT_LOOKUP: the launcher drafts by n-gram lookup with these sizes.
     prompt_lookup: PromptLookup | None = None
+    # Several ranks started by mlx.launch; part of the identity: a distributed and a one-process profile of
+    # the same model are different backends.
+    distributed: Distributed | None = None
 
     @property
     def draft_path(self) -> str | None:
@@ -347,6 +417,37 @@ def _check_names(source: str, name: str, fields: dict[str, Any]) -> None:
             )
 
 
+def _with_hostfile_checked(profile: Profile, source: str) -> Profile:
+    """The profile with `distributed.hostfile` made absolute (relative to the profile file) and checked to be
+    an MLX hostfile: a JSON list of hosts, or an object with `hosts` (mlx/_distributed_utils/common.py)."""
+    distributed = profile.distributed
+    assert distributed is not None
+    assert distributed.hostfile is not None
+    where = f"{source}: profile {profile.name!r}: field 'distributed.hostfile'"
+    path = Path(distributed.hostfile).expanduser()
+    if not path.is_absolute():
+        path = (Path(source).parent if Path(source).is_file() else Path.cwd()) / path
+    try:
+        data = json.loads(read_text_file(path, "hostfile"))
+    except ProfileError as error:
+        raise ProfileError(f"{where}: {error}") from error
+    except json.JSONDecodeError as error:
+        raise ProfileError(f"{where}: {path} is not JSON: {error}") from error
+    hosts = data.get("hosts") if isinstance(data, dict) else data
+    if not isinstance(hosts, list) or not hosts:
+        raise ProfileError(f'{where}: {path} must hold a non-empty list of hosts (or an object with "hosts")')
+    for index, host in enumerate(hosts):
+        if not isinstance(host, dict) or not isinstance(host.get("ssh"), str) or not host["ssh"]:
+            raise ProfileError(f'{where}: {path}: host {index} needs an "ssh" name')
+        ips = host.get("ips", [])
+        if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
+            raise ProfileError(f'{where}: {path}: host {index}: "ips" must be a list of strings')
+        if distributed.backend == "ring" and not ips:
+            raise ProfileError(f'{where}: {path}: host {index} ({host["ssh"]}): the ring backend needs its "ips"')
+    checked = distributed.model_copy(update={"hostfile": str(path.resolve())})
+    return profile.model_copy(update={"distributed": checked})
+
+
 def parse_profiles(text: str, source: str = "<string>", prompts_dir: Path | None = None) -> list[Profile]:
     """Parse one TOML document of profiles. `source` names it in error messages."""
     try:
@@ -374,6 +475,8 @@ def parse_profiles(text: str, source: str = "<string>", prompts_dir: Path | None
             raise ProfileError(_format_validation_error(source, name, error)) from error
         except Exception as error:  # a validator that raised something other than ValueError
             raise ProfileError(f"{source}: profile {name!r}: {type(error).__name__}: {error}") from error
+        if profile.distributed is not None and profile.distributed.hostfile is not None:
+            profile = _with_hostfile_checked(profile, source)
         if profile.system_prompt_file is not None:
             base = prompts_dir if prompts_dir is not None else Path.cwd()
             prompt = _read_prompt_file(source, name, base, profile.system_prompt_file)

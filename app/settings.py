@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     # "json": one JSON object per log line, with the request id (app/logging_setup.py).
     log_format: Literal["text", "json"] = "text"
 
+    # Files the gateway writes for its backends (a distributed profile's hostfile); default: `.run` in the
+    # model store.
+    run_dir: Path | None = None
+
+    @property
+    def run_root(self) -> Path:
+        return self.run_dir or self.model_store / ".run"
+
     @property
     def prompt_cache_root(self) -> Path:
         # The store's layout (app/models/store.py) names this directory.

@@ -14,6 +14,8 @@ from typing import Any
 from app.logging_setup import printable
 
 EVENT_PREFIX = "SPECGATE_EVENT "
+# A distributed backend's lines carry their rank (app/backends/mlx_launch.py); only rank 0's events count.
+RANK0_PREFIX = "[rank 0] "
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,10 @@ class BackendLog:
         line = LogLine(time.time(), stream, text)
         self.lines.append(line)
         self._logger.info("%s", text)
-        if text.startswith(EVENT_PREFIX) and self.on_event is not None:
+        event_text = text.removeprefix(RANK0_PREFIX)
+        if event_text.startswith(EVENT_PREFIX) and self.on_event is not None:
             try:
-                event = json.loads(text[len(EVENT_PREFIX) :])
+                event = json.loads(event_text[len(EVENT_PREFIX) :])
             except json.JSONDecodeError:
                 event = None
             if isinstance(event, dict):

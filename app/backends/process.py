@@ -33,6 +33,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from typing import Any
 import httpx
 
 from app.backends.connections import Connection, Heartbeat, Preconnected, open_connection
+from app.backends.distributed import LaunchPlan, launch_plan
 from app.backends.logs import BackendLog, pump_stream
 from app.blas import plan as blas_plan
 from app.errors import BackendStartFailed, ModelUnavailable
@@ -92,6 +94,8 @@ class BackendTiming:
     prompt_cache_dir: Path | None = None
     prompt_cache_disk_bytes: int = 0
     prompt_cache_min_tokens: int = 256
+    # Files the gateway writes for its backends (a distributed backend's hostfile); None: a temporary directory.
+    run_dir: Path | None = None
 
 
 @dataclass
@@ -188,6 +192,8 @@ class Backend:
         self.failure: str | None = None
         # What the backend found serving its matmuls (the launcher's `blas` event); None until it says.
         self.blas: dict[str, Any] | None = None
+        # A distributed backend's mlx.launch command and hostfile, as of its last start (None: one process).
+        self.launch: LaunchPlan | None = None
         self._lock = asyncio.Lock()
         self._starting: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -224,6 +230,23 @@ class Backend:
     def pid(self) -> int | None:
         """The backend command's pid (its guard's child), once the guard has said it."""
         return self.command_pid if self.process is not None else None
+
+    def distributed_info(self) -> dict[str, Any] | None:
+        """A distributed backend's placement, and the exact mlx.launch command and hostfile of its last start
+        (ports are drawn at each start: the command is known once it has started); None for one process."""
+        distributed = self.spec.distributed
+        if distributed is None:
+            return None
+        launch = self.launch
+        hostfile = str(launch.hostfile) if launch is not None and launch.hostfile is not None else distributed.hostfile
+        return {
+            "backend": distributed.backend,
+            "mode": distributed.mode,
+            "ranks": launch.ranks if launch is not None else distributed.ranks or len(distributed.hosts or ()) or None,
+            "hosts": list(distributed.hosts) if distributed.hosts is not None else None,
+            "hostfile": hostfile,
+            "command": launch.mlx_launch if launch is not None else None,
+        }
 
     @property
     def blas_summary(self) -> str | None:
@@ -368,13 +391,21 @@ class Backend:
             )
         if self.process is not None:
             await self._stop_locked("restarting")
-        argv, env = self._command()
+        if self.spec.distributed is None:
+            argv, env = self._command()
+        else:
+            # Resolving `hosts` may wait on DNS (mDNS names on macOS: seconds): not on the event loop.
+            argv, env = await asyncio.to_thread(self._command)
         self._become(BackendState.STARTING)
         self.started_at = time.monotonic()
         self.load_seconds = None
         self.failure = None
         self.blas = None
         self.log.append("gateway", f"starting on port {self.port}: {' '.join(argv)}")
+        if self.launch is not None:
+            self.log.append(
+                "gateway", f"{self.launch.ranks} ranks; the same with MLX's launcher: {self.launch.mlx_launch}"
+            )
         try:
             await self._spawn(argv, env)
             await self._wait_ready()
@@ -413,12 +444,17 @@ class Backend:
                 argv += ["--single-stream"]
             argv += self._prompt_cache_flags()
         argv += ["--host", "127.0.0.1", "--port", str(self.port), *options.args]
+        # What every rank needs, remote ones included (they do not inherit the gateway's environment).
+        rank_env = {"PYTHONUNBUFFERED": "1", **({} if options.allow_hub else {"HF_HUB_OFFLINE": "1"})}
+        rank_env.update(dict(options.env))
         env = dict(os.environ)
-        if not options.allow_hub:
-            env["HF_HUB_OFFLINE"] = "1"
-        env["PYTHONUNBUFFERED"] = "1"
         blas_plan(options.blas or self.timing.blas).apply(env)
-        env.update(dict(options.env))
+        env.update(rank_env)
+        if self.spec.distributed is not None:
+            run_dir = self.timing.run_dir or Path(tempfile.gettempdir()) / "specgate-run"
+            hostfile = run_dir / f"{self.name}.hostfile.json"
+            self.launch = launch_plan(self.spec.distributed, argv, rank_env, hostfile)
+            argv = self.launch.argv
         return argv, env
 
     def _prompt_cache_flags(self) -> list[str]:

@@ -10,6 +10,7 @@ prompt's progress, abandoned prefills) from the backend itself (app/backends/act
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 from collections import deque
@@ -63,6 +64,36 @@ def read_rss_bytes(pid: int | None) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process, from /proc (none where there is no /proc)."""
+    children = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain anything: the parent pid follows the last ')'.
+        if int(data[data.rfind(b")") + 2 :].split()[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def backend_rss_bytes(pid: int | None, distributed: bool) -> int | None:
+    """Resident memory of a backend: its process, plus, for a distributed one, its local ranks (the children
+    of mlx.launch, which hold the weights; remote ranks are not counted)."""
+    total = read_rss_bytes(pid)
+    if pid is None or total is None or not distributed:
+        return total
+    return total + sum(read_rss_bytes(child) or 0 for child in child_pids(pid))
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -169,10 +200,12 @@ def backend_json(slot: BackendSlot, now: float, activity: dict[str, Any] | None 
         "profiles": list(slot.profiles),
         "pid": backend.pid if running else None,
         "port": backend.port if running else None,
-        "rss_bytes": read_rss_bytes(backend.pid) if running else None,
+        "rss_bytes": backend_rss_bytes(backend.pid, backend.spec.distributed is not None) if running else None,
         "load_seconds": _round(backend.load_seconds, 2),
         "blas": backend.blas_summary,
         "blas_detail": backend.blas,
+        # Several MLX ranks: placement and the exact mlx.launch command (null for one process).
+        "distributed": backend.distributed_info(),
         "uptime_seconds": round(now - backend.ready_at, 1)
         if backend.ready_at is not None and backend.state.value == "ready"
         else None,
