@@ -111,13 +111,15 @@ class Cluster:
     def node_of(self, url: str) -> GatewayProcess:
         return next(node for node in self.nodes if node.url == url)
 
-    def node_figures(self) -> dict[str, dict[str, Any]]:
-        status = httpx.get(f"{self.front.url}/status.json?requests=0", timeout=5).json()
+    def node_figures(self, gateway: GatewayProcess | None = None) -> dict[str, dict[str, Any]]:
+        """The front's (or `gateway`'s) figures per node of the profile, from its /status.json."""
+        url = (gateway or self.front).url
+        status = httpx.get(f"{url}/status.json?requests=0", timeout=5).json()
         (profile,) = [p for p in status["profiles"] if p["name"] == PROFILE]
         return {node["url"]: node for node in profile["nodes"]}
 
-    def served(self) -> dict[str, int]:
-        return {url: node["requests"].get("success", 0) for url, node in self.node_figures().items()}
+    def served(self, gateway: GatewayProcess | None = None) -> dict[str, int]:
+        return {url: node["requests"].get("success", 0) for url, node in self.node_figures(gateway).items()}
 
 
 def _node_profile(model: Path) -> str:
@@ -280,6 +282,36 @@ def test_a_front_without_the_keys_is_refused_by_the_nodes(cluster: Cluster, tmp_
         assert response.json()["error"]["type"]
     finally:
         _stop(bare)
+
+
+def test_a_local_backend_and_nodes_share_a_profile(cluster: Cluster, tiny_pair: TinyPair, tmp_path: Path) -> None:
+    """`local = true` with nodes: a request stays local while the local backend is free; with the local
+    backend busy (a long request on it), the next ones go to the nodes, whose queues are shorter."""
+    urls = ", ".join(f'"{node.url}"' for node in cluster.nodes)
+    env = {"SPECGATE_NODE_API_KEY": "unused", "SPECGATE_PRELOAD": json.dumps([PROFILE])}
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"{node.url} {key}\n" for node, key in zip(cluster.nodes, cluster.keys, strict=True)))
+    env["SPECGATE_NODE_KEYS_FILE"] = str(keys)
+    mixed = GatewayProcess(tmp_path, _node_profile(tiny_pair.main) + f"nodes = [{urls}]\n", env).start(timeout=120)
+    try:
+        prompt = next(iter(cluster.expected))
+        assert _text(mixed.url, prompt) == cluster.expected[prompt]
+        before = cluster.served(mixed)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            long = pool.submit(_text, mixed.url, prompt, max_tokens=LONG_TOKENS)
+            wait_for(lambda: mixed.models()[PROFILE]["backend"]["running"] == 1, 30, "the long request running locally")
+            shorts = list(cluster.expected)[:3]
+            answers = list(pool.map(lambda p: _text(mixed.url, p), shorts))
+            assert not long.done()
+            long.result(timeout=300)
+        assert answers == [cluster.expected[p] for p in shorts]
+        after = cluster.served(mixed)
+        # The first request and the long one stayed local; the three short ones went to nodes.
+        assert sum(after[url] - before[url] for url in after) == len(shorts)
+        status = httpx.get(f"{mixed.url}/status.json?requests=10", timeout=5).json()
+        assert sum(1 for r in status["requests"] if r["outcome"] == "success") == 5
+    finally:
+        _stop(mixed)
 
 
 def test_a_node_killed_under_load_loses_no_request(cluster: Cluster) -> None:

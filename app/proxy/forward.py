@@ -44,7 +44,10 @@ from app.proxy.relay import RelayTimeouts, sse_error
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 # A node's answers that say it never started the request: safe to send elsewhere.
 RETRY_STATUSES = frozenset({429, 503})
+# Whether a node whose connection broke is gone: connects refused within PROBE_ATTEMPTS tries (see `_gone`).
 PROBE_TIMEOUT = 1.0
+PROBE_ATTEMPTS = 5
+PROBE_INTERVAL = 0.1
 
 
 class NoNodeAvailable(BackendError):
@@ -180,21 +183,29 @@ class NodeForwarder:
         return response
 
     async def _gone(self, node: Node) -> bool:
-        """A fresh connection to the node is refused: its process is gone (not merely slow or cut off)."""
+        """A fresh connection to the node is refused: its process is gone (not merely slow or cut off).
+
+        Asked a few times over half a second: a process being killed closes its connections and its
+        listening socket one after the other, so the first connect may still complete in the kernel's
+        backlog of a socket about to close. A node that is alive accepts every time and is never taken
+        for gone; one that cannot be reached (a timeout, no route) may still be working: not gone either."""
         parts = urlsplit(node.url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                _, writer = await asyncio.open_connection(host, port)
-        except ConnectionRefusedError:
-            node.mark(False, "connection refused")
-            return True
-        except (OSError, TimeoutError):
-            return False  # unreachable or slow: it may still be working on the request
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        for attempt in range(PROBE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    _, writer = await asyncio.open_connection(host, port)
+            except ConnectionRefusedError:
+                node.mark(False, "connection refused")
+                return True
+            except (OSError, TimeoutError):
+                return False
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
         return False
 
     # ----- non-streaming ---------------------------------------------------------------------------
