@@ -27,7 +27,7 @@ import pytest
 from app.backends.node_keys import NodeKeyError, parse_keys_file
 from app.profiles import ProfileError, parse_profiles
 from tests.conftest import TinyPair
-from tests.harness import GatewayProcess, read_sse, wait_for
+from tests.harness import GatewayProcess, free_port, read_sse, wait_for
 
 PROFILE = "tiny"
 MAX_TOKENS = 8
@@ -120,6 +120,16 @@ class Cluster:
 
     def served(self, gateway: GatewayProcess | None = None) -> dict[str, int]:
         return {url: node["requests"].get("success", 0) for url, node in self.node_figures(gateway).items()}
+
+
+class _AnyText(str):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+    __hash__ = str.__hash__
+
+
+ANY_TEXT = _AnyText()
 
 
 def _node_profile(model: Path) -> str:
@@ -282,6 +292,25 @@ def test_a_front_without_the_keys_is_refused_by_the_nodes(cluster: Cluster, tmp_
         assert response.json()["error"]["type"]
     finally:
         _stop(bare)
+
+
+def test_no_node_to_take_the_request(tmp_path: Path) -> None:
+    """Nothing listens at the only node: it shows down, and a request gets 503 (a stream: its error event)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    front = GatewayProcess(tmp_path, f'[profiles."{PROFILE}"]\nlocal = false\nnodes = ["{dead}"]\n').start()
+    try:
+        response = httpx.post(f"{front.url}/v1/completions", json=_body("def"), timeout=60)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "no_node_available"
+        _, events = _stream(front.url, "def")
+        assert events[-1] == {"error": {"message": ANY_TEXT, "type": "upstream_error", "param": None,
+                                        "code": "no_node_available"}}  # fmt: skip
+        models = front.models()[PROFILE]
+        assert models["state"] == "down"
+        assert models["nodes"][0]["up"] is False
+        assert _metric(front, "specgate_requests_total", profile=PROFILE, outcome="backend_error") == 2.0
+    finally:
+        _stop(front)
 
 
 def test_a_local_backend_and_nodes_share_a_profile(cluster: Cluster, tiny_pair: TinyPair, tmp_path: Path) -> None:
