@@ -24,8 +24,10 @@ LOCAL_ONLY_FIELDS = (
 )  # fmt: skip
 
 
-def normalize_node_url(value: str) -> str:
+def normalize_node_url(value: object) -> str:
     """`value` as a node base URL (`scheme://host[:port]`), or ValueError saying what is wrong with it."""
+    if isinstance(value, dict) and KEY_FIELDS & set(value):
+        raise ValueError(KEY_HINT)
     if not isinstance(value, str) or not value.strip():
         raise ValueError("a node is a base URL such as 'http://mac-studio-2:8000'")
     if any(ch.isspace() or ord(ch) < 32 for ch in value):

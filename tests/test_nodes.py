@@ -56,6 +56,7 @@ def _profile(body: str) -> str:
         ('local = false\nnodes = ["http://mac:8000", "HTTP://MAC:8000/"]', "nodes", "listed twice"),
         ('local = false\nnodes = ["http://user:secret@mac:8000"]', "nodes", "credentials"),
         ('local = false\nnodes = ["mac:8000"]', "nodes", "http:// or https://"),
+        ('local = false\nnodes = [{ url = "http://mac:8000", api_key = "sk-1" }]', "nodes", "SPECGATE_NODE_KEYS_FILE"),
         ("local = false", "nodes", "at least one node"),
         ("local = false\nnodes = []", "nodes", "at least one node"),
         ('local = false\nnodes = "http://mac:8000"', "nodes", "a list"),
