@@ -63,7 +63,12 @@ class Gateway:
             settings.max_body_bytes,
         )
         # Upstream nodes of profiles with `nodes` (issue 18 item 3): health checks, choice, forwarding.
-        self.nodes = NodePool(load_node_keys(settings), settings.node_health_seconds, settings.node_connect_timeout)
+        self.nodes = NodePool(
+            load_node_keys(settings),
+            settings.node_health_seconds,
+            settings.node_connect_timeout,
+            settings.node_affinity_slack,
+        )
         self.handler.forwarder = NodeForwarder(self.nodes, self.handler.timeouts, settings.node_connect_timeout)
         # Model value -> its local directory, once resolved present (see model_dir).
         self._model_dirs: dict[str, str] = {}

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     node_health_seconds: float = Field(default=2.0, gt=0)
     # Seconds to open a connection to a node (a refused or timed-out connect is tried on another node).
     node_connect_timeout: float = Field(default=5.0, gt=0)
+    # A session's turns stay on the node that holds its prompt cache while that node's queue is at most this
+    # many requests longer than the shortest (app/backends/nodes.py); 0: only among the least loaded.
+    node_affinity_slack: int = Field(default=1, ge=0)
 
     # Change without downtime: SIGHUP reloads profiles; optionally also when a profile file changes.
     reload_on_change: bool = False

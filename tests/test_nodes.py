@@ -243,6 +243,17 @@ def test_requests_spread_over_nodes_with_their_own_answers(cluster: Cluster) -> 
     assert (_metric(cluster.front, "specgate_generation_tokens_total", profile=PROFILE) or 0) >= len(prompts)
 
 
+def test_a_session_stays_on_its_node(cluster: Cluster) -> None:
+    """Turns of one conversation (the same start) go to the node that has its prompt cache, one after another;
+    other conversations still spread."""
+    prompt = list(cluster.expected)[1]
+    before = cluster.served()
+    for _ in range(4):
+        assert _text(cluster.front.url, prompt) == cluster.expected[prompt]
+    after = cluster.served()
+    assert sorted(after[url] - before[url] for url in after) == [0, 0, 4]
+
+
 def test_streaming_is_relayed_as_the_node_sent_it(cluster: Cluster) -> None:
     prompt = next(iter(cluster.expected))
     tokens_before = _metric(cluster.front, "specgate_generation_tokens_total", profile=PROFILE) or 0
@@ -444,6 +455,8 @@ def test_a_node_killed_under_load_loses_no_request(cluster: Cluster) -> None:
     victim.start(timeout=120)
     wait_for(lambda: cluster.node_figures()[victim.url]["up"] is True, 20, "the front to see the node back")
     assert _metric(cluster.front, "specgate_node_up", profile=PROFILE, node=victim.url) == 1.0
-    for prompt in prompts[:6]:
-        assert _text(cluster.front.url, prompt) == cluster.expected[prompt]
+    # New conversations (no node of their own yet), so round-robin among the idle nodes reaches the victim.
+    fresh = [f"{prompt} pass" for prompt in prompts[:6]]
+    fresh_expected = [_text(victim.url, prompt, cluster.keys[1]) for prompt in fresh]
+    assert [_text(cluster.front.url, prompt) for prompt in fresh] == fresh_expected
     assert cluster.served()[victim.url] > served_down[victim.url]

@@ -11,6 +11,11 @@ node's load for a profile is the larger of the queue it reported at its last che
 gateway has in flight to it now (the report is up to one period old; our own count is exact). Equal loads
 go round-robin, so requests that never overlap still spread.
 
+Sessions stick to a node: a conversation's prompt cache (in memory and on disk) lives on the node that
+served its last turn, and on a CPU a cache miss costs minutes of prefill. A request that carries a session
+key (app/proxy/forward.py: its conversation's start) goes to the node that served that key last while that
+node is usable and its load is at most `affinity_slack` above the least; otherwise by load as above.
+
 Every request to a node goes on a connection of its own (no keep-alive): a node's answer can never be
 read as another request's.
 """
@@ -21,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +37,8 @@ from app.backends.node_keys import NodeKeys
 from app.profiles import Profile, ProfileSet
 
 logger = logging.getLogger("specgate.nodes")
+# Session keys remembered (least recently used forgotten first).
+AFFINITY_KEYS = 10_000
 # A health check waits this long for an answer (a node's status page asks its backends, up to 1 s each).
 CHECK_TIMEOUT = 3.0
 
@@ -82,9 +89,11 @@ class Node:
 class NodePool:
     """Every node of every profile, their health checks and the choice of a node per request."""
 
-    def __init__(self, keys: NodeKeys, health_seconds: float, connect_timeout: float) -> None:
+    def __init__(self, keys: NodeKeys, health_seconds: float, connect_timeout: float, affinity_slack: int = 1) -> None:
         self.keys = keys
         self.health_seconds = health_seconds
+        self.affinity_slack = affinity_slack
+        self._affinity: OrderedDict[str, str] = OrderedDict()  # session key -> the URL of the node that took it
         self.nodes: dict[str, Node] = {}
         self._turn: Counter[str] = Counter()  # per profile: the round-robin start among equal loads
         self._checker: asyncio.Task[None] | None = None
@@ -106,16 +115,31 @@ class NodePool:
         loads = [node.load(profile.name) for node in self.of(profile) if node.up is not False]
         return min(loads) if loads else None
 
-    def choose(self, profile: Profile, exclude: Iterable[Node] = ()) -> Node | None:
-        """The usable node with the least load for `profile`, round-robin among equals; None if none is left."""
+    def choose(self, profile: Profile, exclude: Iterable[Node] = (), session: str | None = None) -> Node | None:
+        """The usable node for `profile`: the session's own node unless its load is more than `affinity_slack`
+        above the least, else the least loaded (round-robin among equals); None if none is left."""
         skip = set(map(id, exclude))
         nodes = [node for node in self.of(profile) if node.up is not False and id(node) not in skip]
         if not nodes:
             return None
-        start = self._turn[profile.name] % len(nodes)
-        self._turn[profile.name] += 1
-        ordered = nodes[start:] + nodes[:start]
-        return min(ordered, key=lambda node: node.load(profile.name))
+        least = min(node.load(profile.name) for node in nodes)
+        chosen = None
+        if session is not None:
+            url = self._affinity.get(session)
+            chosen = next((node for node in nodes if node.url == url), None)
+            if chosen is not None and chosen.load(profile.name) > least + self.affinity_slack:
+                chosen = None
+        if chosen is None:
+            start = self._turn[profile.name] % len(nodes)
+            self._turn[profile.name] += 1
+            ordered = nodes[start:] + nodes[:start]
+            chosen = min(ordered, key=lambda node: node.load(profile.name))
+        if session is not None:
+            self._affinity[session] = chosen.url
+            self._affinity.move_to_end(session)
+            while len(self._affinity) > AFFINITY_KEYS:
+                self._affinity.popitem(last=False)
+        return chosen
 
     def start(self) -> None:
         if self._checker is None:

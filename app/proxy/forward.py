@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -68,6 +69,8 @@ class Forward:
     body: dict[str, Any]
     record: RequestRecord
     client_wants_usage: bool
+    # The conversation's start, hashed: its turns go to the node that holds its prompt cache (app/backends/nodes.py).
+    session: str | None = None
     node: Node | None = None
     response: httpx.Response | None = None
     tried: list[Node] = field(default_factory=list)
@@ -117,7 +120,7 @@ class NodeForwarder:
             streaming=streaming,
             num_draft_tokens=None,
         )
-        return Forward(profile, kind, sent, record, wants_usage)
+        return Forward(profile, kind, sent, record, wants_usage, session_key(kind, body))
 
     # ----- opening: a node, its status line, retries --------------------------------------------
 
@@ -125,7 +128,7 @@ class NodeForwarder:
         """The response of the first node that takes the request (status line read)."""
         last_reason = "no node is up"
         while True:
-            node = self.nodes.choose(forward.profile, exclude=forward.tried)
+            node = self.nodes.choose(forward.profile, exclude=forward.tried, session=forward.session)
             if node is None:
                 raise NoNodeAvailable(
                     f"no node of profile {forward.profile.name!r} could take the request ({last_reason})",
@@ -370,6 +373,20 @@ class NodeForwarder:
                 figures.latency_sum += time.monotonic() - record.arrived
                 figures.latency_count += 1
             self._detach(forward)
+
+
+def session_key(kind: str, body: dict[str, Any]) -> str | None:
+    """What identifies a conversation across its turns: its first two messages (the system prompt and the
+    first user message: every later turn repeats them), or a text prompt's first 2,000 characters."""
+    if kind == "chat":
+        messages = body.get("messages")
+        start: Any = messages[:2] if isinstance(messages, list) and messages else None
+    else:
+        prompt = body.get("prompt")
+        start = prompt[:2000] if isinstance(prompt, str) and prompt else None
+    if start is None:
+        return None
+    return hashlib.sha256(_dumps(start)).hexdigest()[:32]
 
 
 def _dumps(value: Any) -> bytes:
