@@ -45,10 +45,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     profiles = _load_or_exit(settings.profiles_dir)
     from app.auth import KeyFileError, load_keys
+    from app.backends.node_keys import NodeKeyError, load_node_keys
 
     try:
         load_keys(settings)  # a missing or empty key file must stop start-up, not leave the gateway open
-    except KeyFileError as error:
+        load_node_keys(settings)  # and a node key file that cannot be read, before any node is asked
+    except (KeyFileError, NodeKeyError) as error:
         print(f"specgate: {error}", file=sys.stderr)
         return 2
     # Only an unspecified port falls back, as users' launcher scripts did; an explicit one is a promise.
@@ -88,7 +90,7 @@ def _profile_rows(profiles: ProfileSet, states: dict[str, str]) -> list[list[str
         rows.append(
             [
                 profile.name,
-                profile.model,
+                profile.model or "(nodes)",
                 profile.draft_model or "-",
                 str(profile.num_draft_tokens) if profile.is_speculative else "-",
                 _placement(profile),

@@ -12,12 +12,16 @@ from prometheus_client import CollectorRegistry
 
 from app.adaptive.collector import PlannerCollector
 from app.adaptive.planner import SpeculationPlanner
+from app.backends.node_keys import load_node_keys
+from app.backends.nodes import NodePool
 from app.backends.pool import BackendPool
 from app.backends.process import BackendState, BackendTiming
 from app.models.sources import SourceStatus, describe_source
 from app.profiles import ProfileSet
+from app.proxy.forward import NodeForwarder
 from app.proxy.handler import CompletionHandler
 from app.proxy.plan import pool_load
+from app.proxy.record import RequestRecord
 from app.proxy.relay import RelayTimeouts
 from app.settings import Settings
 
@@ -59,11 +63,24 @@ class Gateway:
             ),
             settings.max_body_bytes,
         )
+        # Upstream nodes of profiles with `nodes` (issue 18 item 3): health checks, choice, forwarding.
+        self.nodes = NodePool(
+            load_node_keys(settings),
+            settings.node_health_seconds,
+            settings.node_connect_timeout,
+            settings.node_affinity_slack,
+        )
+        self.handler.forwarder = NodeForwarder(self.nodes, self.handler.timeouts, settings.node_connect_timeout)
         # Model value -> its local directory, once resolved present (see model_dir).
         self._model_dirs: dict[str, str] = {}
         self.handler.model_dir = self.model_dir
-        self.handler.observers.append(self.planner.observe)
+        self.handler.observers.append(self._planner_observe)
         self.apply_profiles(profiles)
+
+    def _planner_observe(self, record: RequestRecord) -> None:
+        # A node's figures come from another machine's backend: they would skew this gateway's estimates.
+        if record.node is None:
+            self.planner.observe(record)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Add the collectors that live outside app/metrics.py to the registry behind /metrics."""
@@ -86,6 +103,7 @@ class Gateway:
     def apply_profiles(self, profiles: ProfileSet) -> list[Any]:
         """Switch to a new profile set; returns the slots no profile uses any more."""
         unused = self.pool.configure(profiles)
+        self.nodes.configure(profiles)
         self._model_dirs.clear()  # a reload may point a name at other files
         self.profiles = profiles
         self.handler.profiles = profiles
@@ -94,6 +112,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.pool.start_reaper()
+        self.nodes.start()
         for name in self.settings.preload:
             profile = self.profiles.get(name)
             if profile is None:
@@ -106,11 +125,16 @@ class Gateway:
                 logger.error("preload of %s failed: %s", name, error)
 
     async def close(self) -> None:
+        await self.nodes.close()
+        if self.handler.forwarder is not None:
+            await self.handler.forwarder.close()
         await self.pool.close()
         await self.http.aclose()
 
     def describe_profile(self, name: str) -> dict[str, Any]:
         profile = self.profiles.profiles[name]
+        if not profile.local:
+            return self._describe_remote(name)
         slot = self.pool.slot_for(profile)
         backend = slot.backend
         sources = [self.resolve(profile.model)]
@@ -154,7 +178,60 @@ class Gateway:
         }
         if missing:
             info["detail"] = "; ".join(s.detail for s in missing)
+        if profile.nodes:
+            info["nodes"] = self.describe_nodes(name)
         return info
+
+    def describe_nodes(self, name: str) -> list[dict[str, Any]]:
+        """The nodes of one profile as /v1/models and /status.json show them."""
+        profile = self.profiles.profiles[name]
+        now = time.monotonic()
+        described = []
+        for node in self.nodes.of(profile):
+            figures = node.figures_for(name)
+            described.append(
+                {
+                    "url": node.url,
+                    "up": node.up,
+                    "kind": node.kind,
+                    "queue": node.reported.get(name),
+                    "in_flight": node.in_flight[name],
+                    "requests": dict(figures.requests),
+                    "retried": figures.retried,
+                    "latency_ms_mean": round(figures.latency_sum / figures.latency_count * 1000.0, 1)
+                    if figures.latency_count
+                    else None,
+                    "last_error": node.last_error,
+                    "since_seconds": round(now - node.changed_at, 1),
+                    "checked_seconds_ago": round(now - node.checked_at, 1) if node.checked_at is not None else None,
+                }
+            )
+        return described
+
+    def _describe_remote(self, name: str) -> dict[str, Any]:
+        """A profile without a local backend: its state is its nodes'."""
+        profile = self.profiles.profiles[name]
+        nodes = self.describe_nodes(name)
+        up = sum(1 for node in nodes if node["up"])
+        in_flight = sum(node["in_flight"] for node in nodes)
+        return {
+            "id": profile.name,
+            "object": "model",
+            "created": _CREATED,
+            "owned_by": "specgate",
+            "name": profile.display_name or profile.name,
+            "description": profile.description,
+            "state": "ready" if up else "unknown" if all(node["up"] is None for node in nodes) else "down",
+            "model": profile.model or None,
+            "draft_model": None,
+            "num_draft_tokens": None,
+            "aliases": list(profile.aliases),
+            "context_length": None,
+            "max_output_tokens": None,
+            # No local process: the running figures are this gateway's requests in flight to the nodes.
+            "backend": {"name": None, "running": in_flight, "waiting": 0},
+            "nodes": nodes,
+        }
 
     def backend_summary(self) -> dict[str, str]:
         return {slot.backend.name: slot.backend.state.value for slot in self.pool.slots.values()}

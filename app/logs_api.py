@@ -30,7 +30,7 @@ KEEPALIVE_SECONDS = 15.0
 
 def find_log(gateway: Gateway, name: str) -> BackendLog:
     profile = gateway.profiles.get(name)
-    if profile is not None:
+    if profile is not None and profile.local:
         return gateway.pool.slot_for(profile).backend.log
     for slot in gateway.pool.slots.values():
         if slot.backend.name == name:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from app.backends.process import BackendState
@@ -167,6 +167,7 @@ class PoolCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self._profile_families()
         yield from self._backend_families()
+        yield from self._node_families()
 
     def _profile_families(self) -> Iterator[Metric]:
         running = GaugeMetricFamily(
@@ -186,6 +187,8 @@ class PoolCollector:
             # A profile may be routed to its baseline twin's slot: count its tickets wherever they are.
             admitted = sum(slot.admission.profile_count(profile.name) for slot in slots)
             queued = sum(slot.admission.waiting_for(profile.name) for slot in slots)
+            # Requests in flight to the profile's upstream nodes run elsewhere but hold this gateway's client.
+            admitted += sum(node.in_flight[profile.name] for node in self.gateway.nodes.of(profile))
             running.add_metric(labels, admitted - queued)
             waiting.add_metric(labels, queued)
             slot = self.gateway.pool.slots.get(profile.backend_spec)
@@ -213,6 +216,51 @@ class PoolCollector:
             if backend.load_seconds is not None:
                 load.add_metric(labels, backend.load_seconds)
         yield from (state, restarts, load)
+
+    def _node_families(self) -> Iterator[Metric]:
+        """Upstream nodes of profiles with `nodes` (app/backends/nodes.py), per profile and node URL."""
+        names = ["profile", "node"]
+        up = GaugeMetricFamily(
+            "specgate_node_up",
+            "1 while the node answers its health checks, 0 while it is down or unchecked",
+            labels=names,
+        )
+        in_flight = GaugeMetricFamily(
+            "specgate_node_in_flight", "This gateway's requests in flight to the node", labels=names
+        )
+        queue = GaugeMetricFamily(
+            "specgate_node_queue", "Running plus waiting requests the node reported at its last check", labels=names
+        )
+        requests = CounterMetricFamily(
+            "specgate_node_requests", "Requests the node served or failed, by outcome", labels=[*names, "outcome"]
+        )
+        retried = CounterMetricFamily(
+            "specgate_node_retried",
+            "Requests the node did not take (down, full) that went to another node",
+            labels=names,
+        )
+        transitions = CounterMetricFamily(
+            "specgate_node_up_changes", "Times the node went down or came back", labels=["node"]
+        )
+        latency = SummaryMetricFamily(
+            "specgate_node_request_latency_seconds", "Served requests: arrival here to the last byte", labels=names
+        )
+        nodes = self.gateway.nodes
+        for profile in self.gateway.profiles:
+            for node in nodes.of(profile):
+                labels = [profile.name, node.url]
+                up.add_metric(labels, 1.0 if node.up else 0.0)
+                in_flight.add_metric(labels, node.in_flight[profile.name])
+                if node.kind == "specgate":
+                    queue.add_metric(labels, node.reported.get(profile.name, 0))
+                figures = node.figures_for(profile.name)
+                for outcome in sorted({"success", *figures.requests}):
+                    requests.add_metric([*labels, outcome], figures.requests[outcome])
+                retried.add_metric(labels, figures.retried)
+                latency.add_metric(labels, figures.latency_count, figures.latency_sum)
+        for node in nodes.nodes.values():
+            transitions.add_metric([node.url], node.transitions)
+        yield from (up, in_flight, queue, requests, retried, transitions, latency)
 
 
 class GatewayMetrics:

@@ -22,6 +22,8 @@ def sources_to_prepare(profiles: ProfileSet, store: Path) -> list[str]:
     """Distinct model values, in profile order, that are missing but can be pulled or imported."""
     wanted: list[str] = []
     for profile in profiles:
+        if not profile.local:
+            continue  # served by nodes: no model here
         # A prompt-lookup "draft" is no model: nothing to pull.
         for value in (profile.model, profile.draft_model if profile.uses_draft_weights else None):
             if value is None or value in wanted:

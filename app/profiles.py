@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.blas import validate_value as validate_blas
+from app.node_urls import FieldProblem, check_node_fields
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 # "auto": the gateway picks k per request from what it measures (app/adaptive/), 0 included.
@@ -195,7 +196,8 @@ class Profile(_Strict):
     """One servable model name."""
 
     name: str
-    model: str = Field(min_length=1)
+    # Required unless `local = false` (checked with the node fields below).
+    model: str = ""
     draft_model: str | None = None
     num_draft_tokens: DraftLength = 3
     dtype: Dtype = "float32"
@@ -219,6 +221,23 @@ class Profile(_Strict):
     # Several MLX ranks instead of one process (app/backends/distributed.py); None: one process.
     distributed: Distributed | None = None
     source_file: str = ""
+
+    # ----- Upstream nodes (issue 18 item 3): app/node_urls.py checks them; app/backends/nodes.py serves them.
+    # Base URLs (without /v1) of other specgate gateways or OpenAI-compatible servers that serve this profile.
+    nodes: tuple[str, ...] = ()
+    # False: no local backend; every request goes to a node (whose own profile of this name serves it).
+    local: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _node_fields(cls, data: Any) -> Any:
+        return check_node_fields(data)
+
+    @property
+    def remote_only(self) -> bool:
+        return not self.local
+
+    # ----- end of the node fields
 
     @field_validator("model", "draft_model", "system_prompt_file")
     @classmethod
@@ -350,6 +369,10 @@ def _format_validation_error(source: str, name: str, error: ValidationError) -> 
     problems = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(profile)"
+        problem = (item.get("ctx") or {}).get("error")
+        if isinstance(problem, FieldProblem):  # a check of several fields that knows which one is wrong
+            problems.append(f"field {problem.field!r}: {problem}")
+            continue
         problems.append(f"field {field!r}: {item['msg']}")
     return f"{source}: profile {name!r}: " + "; ".join(problems)
 

@@ -84,6 +84,18 @@ class Settings(BaseSettings):
     # space-separated, "*.example.com" for a domain and its subdomains, "*" for any (no check).
     allowed_hosts: str = ""
 
+    # Upstream nodes of profiles with `nodes` (app/backends/nodes.py). Their keys never come from a profile:
+    # one key for every node here, and/or a file of `URL KEY` lines (a node's own line wins).
+    node_api_key: str = Field(default="", repr=False)
+    node_keys_file: Path | None = None
+    # Seconds between health checks of each node (a down node is asked as often: it comes back when it answers).
+    node_health_seconds: float = Field(default=2.0, gt=0)
+    # Seconds to open a connection to a node (a refused or timed-out connect is tried on another node).
+    node_connect_timeout: float = Field(default=5.0, gt=0)
+    # A session's turns stay on the node that holds its prompt cache while that node's queue is at most this
+    # many requests longer than the shortest (app/backends/nodes.py); 0: only among the least loaded.
+    node_affinity_slack: int = Field(default=1, ge=0)
+
     # Change without downtime: SIGHUP reloads profiles; optionally also when a profile file changes.
     reload_on_change: bool = False
     reload_poll_seconds: float = Field(default=2.0, gt=0)

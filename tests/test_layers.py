@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "app",  # the package itself (app/__init__.py); as a prefix it names no other module
             "app.errors", "app.settings", "app.profiles", "app.blas", "app.logging_setup", "app.models",
+            "app.node_urls",
             # The one field name the gateway sends its launcher (a contract, importing nothing).
             "app.launcher.prefill",
         ),
@@ -61,12 +62,15 @@ PUBLIC_MODULES: dict[str, dict[str, str]] = {
         "connections": "BackendEndpoint, all the proxy uses of a backend; Heartbeat and connections (proxy)",
         "activity": "what the backends are doing now (status page)",
         "logs": "a backend's log lines (the logs API)",
+        "nodes": "upstream nodes: health, load, the choice of a node (gateway wiring, the forwarder, metrics)",
+        "node_keys": "API keys for upstream nodes from env/file (gateway wiring, start-up check)",
     },
     "app.proxy": {
         "handler": "CompletionHandler, the one entry of a completion request (edge, gateway)",
         "plan": "the planner contract: Planner, Plan, Load and what a planner reads (adaptive, gateway)",
         "record": "RequestRecord, what a finished request did (metrics, status)",
         "relay": "RelayTimeouts (gateway wiring)",
+        "forward": "NodeForwarder, requests served by upstream nodes (gateway wiring)",
         "rewrite": "request kinds and field bounds (completion endpoint, OpenAPI schemas)",
         "backend_fields": "the fields a backend accepts, for the OpenAPI schemas",
     },

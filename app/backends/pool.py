@@ -66,7 +66,8 @@ class BackendPool:
         """Map profiles to slots; returns slots no profile uses any more (to drain and stop)."""
         wanted: dict[BackendSpec, list[Profile]] = {}
         for profile in profiles:
-            wanted.setdefault(profile.backend_spec, []).append(profile)
+            if profile.local:  # a profile served by nodes alone has no backend here (app/backends/nodes.py)
+                wanted.setdefault(profile.backend_spec, []).append(profile)
         for spec, users in wanted.items():
             slot = self.slots.get(spec)
             if slot is None:

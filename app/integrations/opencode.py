@@ -79,6 +79,8 @@ def _model_context(profile: Profile, store: Path) -> int | None:
     """The profile's `context_length`, else the model's own `max_position_embeddings` when it is on disk."""
     if profile.context_length is not None:
         return profile.context_length
+    if not profile.local:
+        return None  # the nodes' own profile knows
     status = describe_source(profile.model, store)
     if not status.present or status.path is None:
         return None
@@ -91,7 +93,9 @@ def _model_context(profile: Profile, store: Path) -> int | None:
 
 
 def _servable(profile: Profile, store: Path) -> bool:
-    """On disk, or a catalog model that `specgate serve` pulls before it takes traffic."""
+    """On disk, or a catalog model that `specgate serve` pulls before it takes traffic (or served by nodes)."""
+    if not profile.local:
+        return True
     values = [profile.model]
     if profile.uses_draft_weights and profile.draft_model is not None:
         values.append(profile.draft_model)

@@ -46,6 +46,7 @@ from app.errors import (
 from app.profiles import Profile, ProfileSet
 from app.proxy.backend_fields import check_model_bounds
 from app.proxy.context import check_prompt_length, fit_top_k
+from app.proxy.forward import Forward, NodeForwarder
 from app.proxy.plan import Planner, apply_plan
 from app.proxy.record import RequestRecord
 from app.proxy.relay import (
@@ -64,7 +65,8 @@ from app.scheduler import Ticket
 logger = logging.getLogger("specgate.requests")
 T = TypeVar("T")
 Observer = Callable[[RequestRecord], None]
-StartObserver = Callable[[RequestRecord, BackendSlot], None]
+# The slot is None for a request served by an upstream node (app/proxy/forward.py).
+StartObserver = Callable[[RequestRecord, BackendSlot | None], None]
 RefusalObserver = Callable[[Profile | None, Outcome], None]
 
 
@@ -201,6 +203,8 @@ class CompletionHandler:
         self.refusal_observers: list[RefusalObserver] = []
         # Model value -> local directory (for the prompt-length check); set by the Gateway.
         self.model_dir: Callable[[str], str | None] = lambda value: None
+        # Profiles with `nodes` (issue 18 item 3); set by the Gateway.
+        self.forwarder: NodeForwarder | None = None
 
     def profile_for(self, body: Any) -> Profile:
         if not isinstance(body, dict):
@@ -232,6 +236,15 @@ class CompletionHandler:
         try:
             body = await read_json_body(request, self.max_body_bytes)
             profile = self.profile_for(body)
+            forward = self._forward_if_node(profile, kind, body, request_id)
+        except Exception as error:
+            self._refused(profile, error)
+            raise
+        if forward is not None:
+            async with self._forwarded(request, forward) as response:
+                yield response
+            return
+        try:
             backend_request = build_backend_request(kind, body, profile)
             model_dir = self.model_dir(profile.model)
             await check_model_bounds(profile, model_dir, backend_request.body)
@@ -273,6 +286,57 @@ class CompletionHandler:
             raise
         finally:
             await self._end(exchange)
+
+    # ----- requests served by an upstream node (app/proxy/forward.py) ---------------------------------
+
+    def _forward_if_node(self, profile: Profile, kind: Kind, body: dict[str, Any], request_id: str) -> Forward | None:
+        """The forward of a request that goes to a node: always without a local backend, else when a node's
+        queue is shorter than the local backend's (ties stay local: no network hop)."""
+        forwarder = self.forwarder
+        if not profile.nodes or forwarder is None:
+            return None
+        if profile.local:
+            admission = self.pool.slot_for(profile).admission
+            if not forwarder.prefers_node(profile, admission.running + admission.waiting):
+                return None
+        return forwarder.begin(profile, kind, body, request_id)
+
+    @contextlib.asynccontextmanager
+    async def _forwarded(self, request: Request, forward: Forward) -> AsyncIterator[Response]:
+        for observe in self.start_observers:
+            observe(forward.record, None)
+        try:
+            if forward.record.streaming:
+                yield StreamingResponse(
+                    self._forward_stream(forward),
+                    media_type="text/event-stream",
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                )
+            else:
+                assert self.forwarder is not None
+                status, raw = await race_disconnect(request, self.forwarder.answer(forward))
+                await self._end_forward(forward, None, finished=True)
+                yield Response(raw, status_code=status, media_type="application/json")
+        except BaseException as error:
+            await self._end_forward(forward, error)
+            raise
+        finally:
+            await self._end_forward(forward, None)
+
+    async def _forward_stream(self, forward: Forward) -> AsyncIterator[bytes]:
+        assert self.forwarder is not None
+        async for piece in self.forwarder.stream(forward):
+            yield piece
+        await self._end_forward(forward, None, finished=True)
+
+    async def _end_forward(self, forward: Forward, error: BaseException | None, finished: bool = False) -> None:
+        if forward.ended:
+            return
+        if error is None and not finished:
+            error = ClientGone("the client left before the response ended")
+        assert self.forwarder is not None
+        await self.forwarder.end(forward, error)
+        self._finish(forward.record, error)
 
     async def _answer(
         self, request: Request, exchange: Exchange, start: Callable[[Phase], Coroutine[Any, Any, UpstreamResponse]]

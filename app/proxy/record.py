@@ -101,6 +101,8 @@ class RequestRecord:
     routed_to: str | None = None
     k_reason: str | None = None
     prompt_class: str | None = None
+    # The upstream node that served it (app/proxy/forward.py), or None for a local backend.
+    node: str | None = None
 
     def seal(self) -> None:
         """Bound what the finished record holds (the error and finish reason: a backend's text)."""
@@ -135,6 +137,16 @@ class RequestRecord:
         self.disk_cached_tokens = int(disk) if isinstance(disk, int) and disk > 0 else 0
         if self.draft_model is not None:
             self.spec = SpecStats.from_launcher(data)
+
+    def absorb_node_spec(self, data: dict[str, Any]) -> None:
+        """A node's `metrics.speculative_decoding` (the vLLM shape it answered with) as this record's figures."""
+        histogram = data.get("acceptance_histogram")
+        self.spec = SpecStats(
+            num_drafts=int(data.get("num_spec_steps") or 0),
+            num_draft_tokens=int(data.get("num_draft_tokens") or 0),
+            num_accepted_tokens=int(data.get("num_accepted_draft_tokens") or 0),
+            accepted_per_position=[int(v) for v in histogram] if isinstance(histogram, list) else [],
+        )
 
     # ----- derived figures -------------------------------------------------------------------
 
@@ -240,6 +252,8 @@ class RequestRecord:
             )
         if self.queue_seconds > 0.001:
             parts.append(f"queued {self.queue_seconds * 1000:.0f}ms")
+        if self.node is not None:
+            parts.append(f"node={self.node}")
         if self.error:
             parts.append(f"error={self.error}")
         return ", ".join(parts)

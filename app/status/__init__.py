@@ -40,7 +40,7 @@ class RecentRequests:
         # Keyed by object identity: a client may reuse an X-Request-Id, and records are not hashable.
         self.in_flight: dict[int, RequestRecord] = {}
 
-    def on_start(self, record: RequestRecord, slot: BackendSlot) -> None:
+    def on_start(self, record: RequestRecord, slot: BackendSlot | None) -> None:
         self.in_flight[id(record)] = record
 
     def on_finish(self, record: RequestRecord) -> None:
@@ -262,6 +262,8 @@ class StatusBuilder:
                     "running": info["backend"]["running"],
                     "waiting": info["backend"]["waiting"],
                     "figures": profile_figures(mine),
+                    # Profiles with `nodes`: each node's health, queue and this gateway's requests to it.
+                    "nodes": info.get("nodes"),
                     "live": [live_json(r, now, in_backends.get(r.request_id)) for r in live if r.profile == name],
                 }
             )
