@@ -1,0 +1,250 @@
+"""The launcher run as two ranks by `mlx.launch` (issue 18 item 2): speculation on a sharded model.
+
+Each backend here is `mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- python -m app.launcher ...` on
+loopback, with the tiny pair, as the gateway starts a distributed profile: the main model sharded over the
+two ranks (tensor parallel, or pipeline with `--pipeline`), and either prompt lookup or the tiny draft model
+loaded whole on every rank. HTTP goes to rank 0.
+
+Checked: greedy output equals the one-process no-draft output token for token (repeated requests, prompt
+cache hits, a growing conversation, several k); the per-request speculative figures come back; only rank
+0 prints launcher events and every rank's lines carry `[rank N]`; a client leaving mid-prompt or
+mid-generation stops the request on both ranks (their logs say so) and the next request is answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.blas import plan as blas_plan
+from app.blas import validate_value as validate_blas
+from tests.conftest import LauncherProcess, TinyPair
+from tests.test_launcher import Reference, body_for, complete, stats, wait_until
+
+MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
+# Backends by (sharding, drafting). Every one is started once per module, all at the same time.
+BACKENDS = {
+    "tensor-draft": ("tensor", "draft"),
+    "tensor-lookup": ("tensor", "lookup"),
+    "pipeline-draft": ("pipeline", "draft"),
+    "pipeline-lookup": ("pipeline", "lookup"),
+}
+PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Hello! How can I help you today?",
+]
+LONG_PROMPT = "fox " * 3000  # about 6,000 tokens: 375 chunks of 16
+
+
+def free_ring_port() -> int:
+    """A port P with P + 1 free too: the ring backend listens on P + rank."""
+    for _ in range(100):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no two consecutive free ports")
+
+
+@dataclass
+class RankedLauncher(LauncherProcess):
+    """`python -m app.launcher` as two ranks under `mlx.launch` (rank 0 serves HTTP on `port`)."""
+
+    ring_port: int = 0
+
+    def start(self) -> RankedLauncher:
+        self.ring_port = free_ring_port()
+        command = [str(MLX_LAUNCH), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2"]
+        command += ["--starting-port", str(self.ring_port), "--", sys.executable, "-m", "app.launcher"]
+        command += [*self.args, "--host", "127.0.0.1", "--port", str(self.port)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        blas_plan(validate_blas(os.environ.get("SPECGATE_BLAS", "auto"))).apply(env)
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True, env=env)
+        return self
+
+    def output(self) -> str:
+        """Both ranks' lines (mlx.launch forwards them; where to depends on its version)."""
+        return self.stdout() + self.stderr()
+
+
+def launcher_args(pair: TinyPair, sharding: str, drafting: str) -> list[str]:
+    args = ["--model", str(pair.main), "--prefill-step-size", "16", "--single-stream"]
+    args += ["--draft-model", str(pair.draft)] if drafting == "draft" else ["--prompt-lookup"]
+    return [*args, "--pipeline"] if sharding == "pipeline" else args
+
+
+@pytest.fixture(scope="module")
+def backends(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RankedLauncher]]:
+    workdir = tmp_path_factory.mktemp("ranked")
+    started = {name: RankedLauncher(args=launcher_args(tiny_pair, *how), workdir=workdir) for name, how in BACKENDS.items()}
+    try:
+        for launcher in started.values():
+            launcher.start()
+        for launcher in started.values():
+            launcher.wait_ready(timeout=180)
+        yield started
+    finally:
+        for launcher in started.values():
+            launcher.stop()
+        for launcher in started.values():
+            assert launcher.process is not None
+            # mlx.launch ended, and with it both ranks: nothing of the session is left.
+            assert launcher.process.poll() is not None
+            assert not _session_alive(launcher.process.pid), "a rank outlived mlx.launch"
+
+
+def _session_alive(session: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+                    return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair: TinyPair) -> Reference:
+    return Reference(tiny_pair)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_greedy_output_equals_one_process_without_draft(
+    backends: dict[str, RankedLauncher], reference: Reference, name: str
+) -> None:
+    backend = backends[name]
+    drafted = 0
+    for prompt in PROMPTS:
+        expected = reference.greedy(reference.prompt_tokens("completion", prompt), 40).tokens
+        # Twice: the second request starts from the prompt cache of the first (on both ranks).
+        for k in (3, 1):
+            done = complete(backend, "completion", body_for("completion", prompt, 40, k=k))
+            assert done.token_ids == expected, (name, prompt, k)
+            assert done.specgate["generation_tokens"] == 40
+            drafted += done.specgate["num_draft_tokens"]
+            assert sum(done.specgate["drafted_per_position"]) == done.specgate["num_draft_tokens"]
+            assert sum(done.specgate["accepted_per_position"]) == done.specgate["num_accepted_tokens"]
+    assert drafted > 0, "nothing was drafted: no speculation happened"
+    repeated = complete(backend, "completion", body_for("completion", PROMPTS[0], 40, k=3))
+    assert repeated.cached_tokens > 0, "the prompt cache was not used"
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_a_growing_conversation_equals_one_process(
+    backends: dict[str, RankedLauncher], reference: Reference, name: str
+) -> None:
+    backend = backends[name]
+    messages: list[dict[str, str]] = [{"role": "user", "content": PROMPTS[1]}]
+    for turn in range(3):
+        expected = reference.greedy(reference.prompt_tokens("chat", messages), 24)
+        done = complete(backend, "chat", body_for("chat", messages, 24, k=4))
+        assert done.token_ids == expected.tokens, (name, turn)
+        if turn > 0:
+            assert done.cached_tokens > 0, "the conversation's prefix was not reused"
+        messages += [{"role": "assistant", "content": done.text}, {"role": "user", "content": PROMPTS[2]}]
+
+
+def test_streamed_figures_and_rank_output(backends: dict[str, RankedLauncher], reference: Reference) -> None:
+    backend = backends["tensor-draft"]
+    prompt = PROMPTS[0]
+    expected = reference.greedy(reference.prompt_tokens("completion", prompt), 30)
+    done = complete(backend, "completion", body_for("completion", prompt, 30, k=2), stream=True)
+    assert done.text == expected.text
+    assert done.specgate["num_drafts"] > 0
+    assert len(done.specgate["drafted_per_position"]) == 2
+    output = backend.output()
+    events = [line for line in output.splitlines() if "SPECGATE_EVENT" in line]
+    assert [line.split('"event": ')[1].split(",")[0].strip('"}') for line in events] == ["blas", "loaded"]
+    assert all(line.startswith("SPECGATE_EVENT ") for line in events), "events are not prefixed"
+    assert "[rank 0] " in output and "[rank 1] " in output
+    assert "draft model" in output and "loaded whole on this rank" in output
+
+
+def _send_and_leave(backend: RankedLauncher, body: dict[str, Any], request_id: str, leave_when: Any) -> None:
+    """POST `body` on a raw socket, wait until `leave_when(stats)` holds, then close the connection."""
+    payload = json.dumps(body).encode()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(payload)}\r\nX-Request-Id: {request_id}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", backend.port)) as connection:
+        connection.sendall(head.encode() + payload)
+        wait_until(lambda: leave_when(stats(backend)), 60, "the request to get where the client leaves")
+
+
+def _request(snapshot: dict[str, Any], request_id: str) -> dict[str, Any] | None:
+    return next((r for r in snapshot["requests"] if r["request_id"] == request_id), None)
+
+
+def _settled(backend: RankedLauncher) -> dict[str, Any]:
+    snapshot: dict[str, Any] = wait_until(
+        lambda: (s := stats(backend))["active_requests"] == 0 and s, 60, "the backend to finish its requests"
+    )
+    return snapshot
+
+
+@pytest.mark.parametrize("name", ["tensor-draft", "pipeline-lookup"])
+def test_a_client_leaving_mid_prompt_stops_both_ranks(
+    backends: dict[str, RankedLauncher], reference: Reference, name: str
+) -> None:
+    backend = backends[name]
+    before = _settled(backend)
+    request_id = f"leaves-prompt-{name}"
+    body = body_for("completion", LONG_PROMPT, 8, k=3)
+
+    def in_prompt(snapshot: dict[str, Any]) -> bool:
+        request = _request(snapshot, request_id)
+        return request is not None and request["phase"] == "prompt" and request["prompt_processed"] > 0
+
+    _send_and_leave(backend, body, request_id, in_prompt)
+    after = _settled(backend)
+    assert after["prefills_abandoned"] == before["prefills_abandoned"] + 1
+    assert after["tokens_generated"] == before["tokens_generated"], "it went on to generate"
+    # Rank 1 stopped the same prompt (it logs its own line, without the request id it never saw).
+    wait_until(lambda: "[rank 1] " in _line_with(backend, "prompt processing stopped"), 10, "rank 1's line")
+    _assert_answers(backend, reference)
+
+
+@pytest.mark.parametrize("name", ["tensor-lookup", "pipeline-draft"])
+def test_a_client_leaving_mid_generation_stops_both_ranks(
+    backends: dict[str, RankedLauncher], reference: Reference, name: str
+) -> None:
+    backend = backends[name]
+    before = _settled(backend)
+    request_id = f"leaves-generation-{name}"
+    body = body_for("completion", "Tell me a very long story.", 3000, k=3)
+
+    def generating(snapshot: dict[str, Any]) -> bool:
+        request = _request(snapshot, request_id)
+        return request is not None and request["tokens"] >= 5
+
+    _send_and_leave(backend, body, request_id, generating)
+    after = _settled(backend)
+    assert after["tokens_generated"] - before["tokens_generated"] < 3000
+    for rank in (0, 1):
+        wait_until(lambda: f"[rank {rank}] " in _line_with(backend, "every rank stops it"), 10, f"rank {rank}'s line")
+    _assert_answers(backend, reference)
+
+
+def _line_with(backend: RankedLauncher, text: str) -> str:
+    return "\n".join(line for line in backend.output().splitlines() if text in line)
+
+
+def _assert_answers(backend: RankedLauncher, reference: Reference) -> None:
+    """The next request is answered (a deadlocked pair of ranks would time out), with the greedy text."""
+    expected = reference.greedy(reference.prompt_tokens("completion", PROMPTS[2]), 20).tokens
+    assert complete(backend, "completion", body_for("completion", PROMPTS[2], 20, k=3)).token_ids == expected
