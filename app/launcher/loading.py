@@ -84,13 +84,15 @@ def model_provider_class(counters: BackendCounters) -> type[Any]:
             # tokens from the same weights and the same text (no collective in the draft's steps), and
             # verifies them with its shard of the main model: the ranks stay in lock-step.
             super()._load(model_path, None, None)  # type: ignore[no-untyped-call]
-            draft_model, draft_tokenizer = server.load(draft_model_path)[:2]
-            if draft_tokenizer.vocab_size != self.tokenizer.vocab_size:
+            # The module's `load` (as hooked: cast to --dtype), whole, never `sharded_load`.
+            draft_model, draft_tokenizer = cast(Any, server).load(draft_model_path)[:2]
+            provider: Any = self  # mlx_lm declares these attributes as None
+            if draft_tokenizer.vocab_size != provider.tokenizer.vocab_size:
                 logger.warning("draft model tokenizer does not match the model's; speculation may not work")
             logger.info("specgate: draft model %s loaded whole on this rank (main model sharded)", draft_model_path)
-            self.model_key = (model_path, None, draft_model_path)
-            self.draft_model = draft_model
-            self.is_batchable = False
+            provider.model_key = (model_path, None, draft_model_path)
+            provider.draft_model = draft_model
+            provider.is_batchable = False
 
         def load_default(self) -> None:
             started = time.perf_counter()

@@ -58,7 +58,7 @@ def agree_any(flag: bool) -> bool:
     """True on every rank when it is True on at least one; call at the same point on every rank."""
     if not world().distributed:
         return flag
-    return int(mx.distributed.all_sum(mx.array(int(flag), mx.int32)).item()) > 0
+    return bool(mx.distributed.all_sum(mx.array(int(flag), mx.int32)).item())
 
 
 def agree_equal(value: int) -> bool:
@@ -66,8 +66,7 @@ def agree_equal(value: int) -> bool:
     if not world().distributed:
         return True
     mine = mx.array(value, mx.int32)
-    low, high = mx.distributed.all_min(mine), mx.distributed.all_max(mine)
-    return int(low.item()) == int(high.item())
+    return bool((mx.distributed.all_min(mine) == mx.distributed.all_max(mine)).item())
 
 
 class RankPrefixed:
@@ -114,8 +113,8 @@ def prefix_output(rank: int) -> None:
     if _raw_stdout is not None:
         return
     _raw_stdout = sys.stdout
-    sys.stdout = RankPrefixed(sys.stdout, rank)  # type: ignore[assignment]
-    sys.stderr = RankPrefixed(sys.stderr, rank)  # type: ignore[assignment]
+    sys.stdout = RankPrefixed(sys.stdout, rank)
+    sys.stderr = RankPrefixed(sys.stderr, rank)
 
 
 def event_stream() -> TextIO | None:
