@@ -211,6 +211,21 @@ def test_streamed_figures_and_rank_output(backends: dict[str, RankedLauncher], r
     assert "loaded whole on this rank" in output
 
 
+def test_dtype_applies_to_the_sharded_main_model_and_the_draft(tiny_pair: TinyPair, tmp_path: Path) -> None:
+    """`--dtype` casts the main model that `sharded_load` loads as well as the whole draft (the tiny pair
+    is stored in float32: a missed cast shows as float32)."""
+    args = [*launcher_args(tiny_pair, "pipeline", "draft"), "--dtype", "bfloat16"]
+    launcher = RankedLauncher(args=args, workdir=tmp_path).start()
+    try:
+        launcher.wait_ready(timeout=180)
+        figures = stats(launcher)
+        assert (figures["model_dtype"], figures["draft_dtype"]) == ("bfloat16", "bfloat16")
+        for rank in ("[rank 0] ", "[rank 1] "):
+            assert _logged(launcher, rank, "model dtype bfloat16, draft dtype bfloat16")
+    finally:
+        _stop_all({"dtype": launcher})
+
+
 def _send_and_leave(backend: RankedLauncher, body: dict[str, Any], request_id: str, leave_when: Any) -> None:
     """POST `body` on a raw socket, wait until `leave_when(stats)` holds, then close the connection."""
     payload = json.dumps(body).encode()

@@ -51,6 +51,8 @@ def install(
         _server.LRUPromptCache = agreed_prompt_cache(_server.LRUPromptCache, lambda: _count_restored_tokens(0))
     # Loading: `_load` calls `load` for the main and the draft model; `_generate` calls `load_default`.
     _server.load = casting_load(_server.load, options.dtype)
+    # A distributed run loads the main model with `sharded_load` (ranks.py): the same cast.
+    _server.sharded_load = casting_load(_server.sharded_load, options.dtype)
     _server.ModelProvider = model_provider_class(counters)
     # Generation: with a draft every request goes through `stream_generate`; without one, through
     # the batch generator (unless a request is not batchable, which takes `stream_generate` too).
