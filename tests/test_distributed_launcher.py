@@ -226,6 +226,25 @@ def test_dtype_applies_to_the_sharded_main_model_and_the_draft(tiny_pair: TinyPa
         _stop_all({"dtype": launcher})
 
 
+@pytest.mark.slow
+def test_the_batch_generator_path_without_a_draft(tiny_pair: TinyPair, tmp_path: Path, reference: Reference) -> None:
+    """No draft and no `--single-stream`: mlx_lm's batch generator, whose stops rank 0 broadcasts itself.
+    Greedy output as one process, and a client leaving mid-generation leaves the ranks in step."""
+    launcher = RankedLauncher(args=["--model", str(tiny_pair.main), "--prefill-step-size", "16"], workdir=tmp_path)
+    launcher.start()
+    try:
+        launcher.wait_ready(timeout=180)
+        _assert_answers(launcher, reference)
+        before = _settled(launcher)
+        body = body_for("completion", "Tell me a very long story.", 3000)
+        _send_and_leave(launcher, body, "leaves-batch", lambda snapshot: snapshot["tokens_generated"] > 20)
+        after = _settled(launcher)
+        assert after["tokens_generated"] - before["tokens_generated"] < 3000
+        _assert_answers(launcher, reference)
+    finally:
+        _stop_all({"batch": launcher})
+
+
 def _send_and_leave(backend: RankedLauncher, body: dict[str, Any], request_id: str, leave_when: Any) -> None:
     """POST `body` on a raw socket, wait until `leave_when(stats)` holds, then close the connection."""
     payload = json.dumps(body).encode()

@@ -199,6 +199,10 @@ class SpecgateResponseGenerator(server.ResponseGenerator):
                     raise RuntimeError("generation thread died") from None
                 if stats is not None and stats.abandoned:
                     raise ClientGone("the client left during prompt processing") from None
+                # The batch generator also drops a generating request whose client left; a non-streaming
+                # handler (which writes nothing until the end) would not notice by itself.
+                if stats is not None and stats.client_gone():
+                    raise ClientGone("the client left") from None
 
     def _is_batchable(self, args: Any) -> bool:
         # Prompt lookup runs in `stream_generate` (the single path), like a model draft does.
