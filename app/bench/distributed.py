@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -63,6 +64,9 @@ class Config:
     name: str
     ranks: int  # 1: one process
     flags: list[str]
+    # Ranks started by this script (MLX_RANK, MLX_HOSTFILE: what mlx.launch sets for the ring backend)
+    # instead of `mlx.launch`, whose output relay polls without sleeping (see docs/distributed.md).
+    direct: bool = False
     speeds: list[float] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     accepted: list[tuple[int, int]] = field(default_factory=list)
@@ -84,25 +88,52 @@ def _free_port(pair: bool = False) -> int:
 def _command(config: Config, main: str, port: int, mode: str) -> list[str]:
     launcher = [sys.executable, "-m", "app.launcher", "--model", main, "--single-stream", *config.flags]
     launcher += ["--host", "127.0.0.1", "--port", str(port)]
-    if config.ranks == 1:
+    if config.ranks > 1 and mode == "pipeline":
+        launcher.append("--pipeline")
+    if config.ranks == 1 or config.direct:
         return launcher
     mlx_launch = str(Path(sys.executable).with_name("mlx.launch"))
     ring = ["--backend", "ring", "--hosts", "127.0.0.1", "-n", str(config.ranks)]
     ring += ["--starting-port", str(_free_port(pair=True))]
-    return [mlx_launch, *ring, "--", *launcher, *(["--pipeline"] if mode == "pipeline" else [])]
+    return [mlx_launch, *ring, "--", *launcher]
+
+
+def _start(config: Config, command: list[str], env: dict[str, str], log_dir: Path) -> list[subprocess.Popen[bytes]]:
+    """The backend's processes: one (a process, or mlx.launch), or one per rank when started directly."""
+    if not config.direct:
+        log = (log_dir / f"{config.name}.log").open("wb")
+        with log:
+            return [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)]
+    first = _free_port(pair=True)
+    hostfile = log_dir / f"{config.name}.hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{first + rank}"] for rank in range(config.ranks)]))
+    processes = []
+    for rank in range(config.ranks):
+        rank_env = {**env, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+        with (log_dir / f"{config.name}.rank{rank}.log").open("wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=rank_env,
+                    start_new_session=True,
+                )
+            )
+    return processes
 
 
 def _run(config: Config, main: str, mode: str, max_tokens: int, repeats: int, k: int, log_dir: Path) -> None:
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     blas_plan(validate_blas(os.environ.get("SPECGATE_BLAS", "auto"))).apply(env)
-    log = (log_dir / f"{config.name}.log").open("wb")
     command = _command(config, main, port, mode)
-    print(f"# {config.name}: {' '.join(command)}", flush=True)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    print(f"# {config.name}: {' '.join(command)}{' (each rank started directly)' if config.direct else ''}")
+    processes = _start(config, command, env, log_dir)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(base, process, log_dir / f"{config.name}.log")
+        _wait_ready(base, processes, log_dir / f"{config.name}.log")
         with httpx.Client(base_url=base, timeout=1800.0) as client:
             for name, prompt in PROMPTS.items():
                 body = {
@@ -127,23 +158,27 @@ def _run(config: Config, main: str, mode: str, max_tokens: int, repeats: int, k:
                         flush=True,
                     )
     finally:
+        for process in processes:
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
-def _wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 900.0) -> None:
+def _wait_ready(base: str, processes: list[subprocess.Popen[bytes]], log: Path, timeout: float = 900.0) -> None:
     deadline = time.monotonic() + timeout
     probe = {"model": "default_model", "prompt": "hi", "max_tokens": 1}
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the backend exited ({process.returncode}); see {log}")
+        if any(process.poll() is not None for process in processes):
+            raise RuntimeError(f"a backend process exited; see {log}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.post(f"{base}/v1/completions", json=probe, timeout=600.0).status_code == 200:
                 return
@@ -176,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         Config("dist-no-draft", args.ranks, dtype),
         Config("dist-draft", args.ranks, [*dtype, "--draft-model", args.draft]),
         Config("dist-lookup", args.ranks, [*dtype, "--prompt-lookup"]),
+        Config("direct-no-draft", args.ranks, dtype, direct=True),
+        Config("direct-draft", args.ranks, [*dtype, "--draft-model", args.draft], direct=True),
+        Config("direct-lookup", args.ranks, [*dtype, "--prompt-lookup"], direct=True),
     ]
     if args.only:
         wanted = set(args.only.split(","))
@@ -184,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.ranks} ranks, {args.mode} parallel, k={args.num_draft_tokens}, logs in {log_dir}", flush=True)
     for config in configs:
         _run(config, args.main, args.mode, args.max_tokens, args.repeats, args.num_draft_tokens, log_dir)
-    baseline = next((c for c in configs if c.name == "dist-no-draft" and c.speeds), None)
+    baseline = next((c for c in configs if c.name.endswith("-no-draft") and c.speeds), None)
     base_speed = statistics.median(baseline.speeds) if baseline else None
-    print(f"\n{'configuration':<15} {'median tok/s':>12} {'vs dist-no-draft':>17} {'accepted/drafted':>17}")
+    print(f"\n{'configuration':<15} {'median tok/s':>12} {'vs no-draft':>17} {'accepted/drafted':>17}")
     for config in configs:
         speed = statistics.median(config.speeds)
         ratio = f"{speed / base_speed:.2f}x" if base_speed else "-"
