@@ -8,7 +8,9 @@ loaded whole on every rank. HTTP goes to rank 0.
 Checked: greedy output equals the one-process no-draft output token for token (repeated requests, prompt
 cache hits, a growing conversation, several k); the per-request speculative figures come back; only rank
 0 prints launcher events and every rank's lines carry `[rank N]`; a client leaving mid-prompt or
-mid-generation stops the request on both ranks (their logs say so) and the next request is answered.
+mid-generation stops the request on both ranks (their logs say so) and the next request is answered; the
+disk prompt cache keeps a directory per rank and both ranks agree on using it; `--dtype` reaches the sharded
+model. The slow suite adds the two other (sharding, drafting) combinations and mlx_lm's batch path.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tests.conftest import LauncherProcess, TinyPair
 from tests.test_launcher import Reference, body_for, complete, stats, wait_until
 
 MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
-# Backends by (sharding, drafting). Every one is started once per module, all at the same time.
+# Backends by (sharding, drafting), started per module fixture, those of one fixture at the same time.
 BACKENDS = {
     "tensor-draft": ("tensor", "draft"),
     "tensor-lookup": ("tensor", "lookup"),

@@ -119,8 +119,8 @@ class WatchedGenerationContext(server.GenerationContext):
         # the next token's collectives forever. mlx_lm raises NotImplementedError for a stop in a
         # distributed run: ClientGone instead ends the request on every rank the same way (no cache stored).
         if agree_any(stop):
-            logger.info("specgate: the client of the request being served left; every rank stops it")
-            raise ClientGone("the client left; every rank stops this request")
+            logger.info("specgate: rank 0 stopped the request being served (its client left); every rank stops it")
+            raise ClientGone("rank 0 stopped this request; every rank stops it")
         return False
 
     @_should_stop.setter
