@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.launcher.lookup import LookupDrafter
+from app.launcher.ranks import agree_any
 from app.launcher.stats import BackendCounters, RequestStats
 
 logger = logging.getLogger("specgate.launcher")
@@ -41,10 +42,14 @@ class ClientGone(Exception):
 class PromptWatch:
     """One request's prompt processing, seen from the generation thread."""
 
-    def __init__(self, stats: RequestStats, counters: BackendCounters, report: ProgressCallback | None) -> None:
+    def __init__(
+        self, stats: RequestStats, counters: BackendCounters, report: ProgressCallback | None, collective: bool = False
+    ) -> None:
         self.stats = stats
         self.counters = counters
         self._report = report
+        # Served by several ranks: every rank checks at the same chunks, and all stop if rank 0's client left.
+        self._collective = collective
 
     def progress(self, processed: int, total: int) -> None:
         """`processed` of `total` prompt tokens are done: record, report (SSE comment), then check."""
@@ -56,7 +61,10 @@ class PromptWatch:
 
     def check(self) -> None:
         """Raise ClientGone when the client has left, counting the prompt as abandoned."""
-        if self.stats.client_gone():
+        gone = self.stats.client_gone()
+        if self._collective:
+            gone = agree_any(gone)
+        if gone:
             abandon(self.stats, self.counters)
             raise ClientGone(f"client gone at prompt {self.stats.prompt_processed}/{self.stats.prompt_total}")
 

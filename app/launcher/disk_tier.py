@@ -71,9 +71,12 @@ class DiskTierSettings:
     min_tokens: int
 
 
-def launcher_numerics(dtype: str, single_path: bool, blas: str, attention: str) -> dict[str, str]:
-    """Everything besides the weights that decides the KV values this backend computes."""
+def launcher_numerics(dtype: str, single_path: bool, blas: str, attention: str, ranks: str = "") -> dict[str, str]:
+    """Everything besides the weights that decides the KV values this backend computes. `ranks` names
+    this rank's shard in a distributed run ("tensor 0/2"): its KV is that of its shard only."""
+    rank_part = {"ranks": ranks} if ranks else {}
     return {
+        **rank_part,
         "dtype": dtype,
         "blas": blas,
         # MKL's reproducibility mode changes its rounding (README, "Exactness").

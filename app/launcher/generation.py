@@ -17,6 +17,7 @@ How one request's figures reach its own response, by construction:
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from queue import Empty as QueueEmpty
@@ -28,7 +29,10 @@ from mlx_lm import server
 from app.launcher.abandon import ClientGone, PromptWatch, stop_for_gone_client
 from app.launcher.lookup import LookupDrafter, LookupSettings
 from app.launcher.prefill import with_prefill
+from app.launcher.ranks import agree_any, world
 from app.launcher.stats import BackendCounters, RequestStats, SpeculationCounter
+
+logger = logging.getLogger("specgate.launcher")
 
 _STATS_ATTRIBUTE = "specgate_stats"
 # How often a handler thread waiting for its request's next output looks whether the generation
@@ -43,13 +47,35 @@ _serving = threading.local()
 _handling = threading.local()
 
 
+class _ThisRankOnly:
+    """A request's stats as carried on the request object, which is pickled when mlx_lm.server shares the
+    request with the other ranks (ranks.py): they pickle as nothing (the stats hold the client's socket,
+    which means nothing elsewhere, and a lock, which cannot be pickled)."""
+
+    def __init__(self, stats: RequestStats) -> None:
+        self.stats = stats
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _nothing, ()
+
+
+def _nothing() -> None:
+    return None
+
+
 def attach_stats(request: Any, stats: RequestStats) -> None:
-    setattr(request, _STATS_ATTRIBUTE, stats)
+    setattr(request, _STATS_ATTRIBUTE, _ThisRankOnly(stats))
 
 
 def stats_of(request: Any) -> RequestStats | None:
-    stats = getattr(request, _STATS_ATTRIBUTE, None)
-    return stats if isinstance(stats, RequestStats) else None
+    holder = getattr(request, _STATS_ATTRIBUTE, None)
+    return holder.stats if isinstance(holder, _ThisRankOnly) else None
+
+
+def _serving_collectively() -> bool:
+    """Whether the request being served is served by several ranks at once (`_serve_single` of a
+    distributed run): then its stop decisions are taken by all ranks together."""
+    return bool(getattr(_serving, "collective", False))
 
 
 def _current_stats() -> RequestStats | None:
@@ -81,10 +107,21 @@ class WatchedGenerationContext(server.GenerationContext):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.specgate_stats = tokenized_stats()
+        self.specgate_collective = _serving_collectively()
 
     @property
     def _should_stop(self) -> bool:
-        return stop_for_gone_client(self.__dict__.get("specgate_stats"), self.counters, self.__dict__["_stopped"])
+        stop = stop_for_gone_client(self.__dict__.get("specgate_stats"), self.counters, self.__dict__["_stopped"])
+        if not self.__dict__.get("specgate_collective", False):
+            return stop
+        # Several ranks serve this request in `_serve_single`, which reads this once after every token on
+        # every rank. Rank 0 alone knows its client; all ranks stop together, or the others would wait in
+        # the next token's collectives forever. mlx_lm raises NotImplementedError for a stop in a
+        # distributed run: ClientGone instead ends the request on every rank the same way (no cache stored).
+        if agree_any(stop):
+            logger.info("specgate: rank 0 stopped the request being served (its client left); every rank stops it")
+            raise ClientGone("rank 0 stopped this request; every rank stops it")
+        return False
 
     @_should_stop.setter
     def _should_stop(self, value: bool) -> None:
@@ -122,20 +159,29 @@ class SpecgateResponseGenerator(server.ResponseGenerator):
     single_stream: bool = False
 
     def _serve_single(self, request: tuple[Any, Any, Any], stream: Any) -> None:
-        _serving.stats = stats_of(request[1])
+        stats = stats_of(request[1])
+        collective = world().distributed
+        if stats is None and collective:
+            # Another rank than 0 (the stats stayed there): a stand-in without a client, so that this rank
+            # runs exactly the checks rank 0 runs, each of them a collective (`agree_any`).
+            stats = RequestStats(request_id=None)
+        _serving.stats = stats
+        _serving.collective = collective
         try:
             super()._serve_single(request, stream)  # type: ignore[no-untyped-call]
         finally:
             _serving.stats = None
             _serving.prompt = None
             _serving.tokenized = None
+            _serving.collective = False
 
     def _tokenize(self, tokenizer: Any, request: Any, args: Any) -> Any:
         result = with_prefill(super()._tokenize(tokenizer, request, args), tokenizer, request)  # type: ignore[no-untyped-call]
         # The whole prompt: `stream_generate` only sees the part after the cached prefix, and prompt
         # lookup searches all of it.
         _serving.prompt = list(result[0])
-        _serving.tokenized = stats_of(request)
+        # In `_serve_single` of a distributed run, the stand-in of another rank (set there) stays.
+        _serving.tokenized = stats_of(request) or (_current_stats() if _serving_collectively() else None)
         return result
 
     def _await_response(self, response_queue: Queue[Any]) -> Any:
@@ -153,6 +199,10 @@ class SpecgateResponseGenerator(server.ResponseGenerator):
                     raise RuntimeError("generation thread died") from None
                 if stats is not None and stats.abandoned:
                     raise ClientGone("the client left during prompt processing") from None
+                # The batch generator also drops a generating request whose client left; a non-streaming
+                # handler (which writes nothing until the end) would not notice by itself.
+                if stats is not None and stats.client_gone():
+                    raise ClientGone("the client left") from None
 
     def _is_batchable(self, args: Any) -> bool:
         # Prompt lookup runs in `stream_generate` (the single path), like a model draft does.
@@ -222,7 +272,7 @@ def _watch_prompt(arguments: dict[str, Any], stats: RequestStats, counters: Back
     `stream_generate` drops the callback; the watch goes to `speculative_generate_step` instead.
     """
     extra = arguments["kwargs"]
-    watch = PromptWatch(stats, counters, extra.pop("prompt_progress_callback", None))
+    watch = PromptWatch(stats, counters, extra.pop("prompt_progress_callback", None), _serving_collectively())
     if arguments.get("draft_model") is None:
         extra["prompt_progress_callback"] = watch.progress
     else:

@@ -27,6 +27,8 @@ from app.launcher.http_handler import handler_class
 from app.launcher.loading import casting_load, model_provider_class
 from app.launcher.lookup import dispatching_speculative_step
 from app.launcher.options import LauncherOptions
+from app.launcher.rank_cache import agreed_prompt_cache
+from app.launcher.ranks import world
 from app.launcher.stats import BackendCounters
 
 # Typed as Any: these assignments replace names mlx_lm.server does not declare as replaceable.
@@ -36,14 +38,21 @@ _generate: Any = importlib.import_module("mlx_lm.generate")
 
 
 def install(
-    options: LauncherOptions, counters: BackendCounters, blas: str = "", attention: str = ""
+    options: LauncherOptions, counters: BackendCounters, blas: str = "", attention: str = "", ranks: str = ""
 ) -> DiskTier | None:
     """Replace the hooked names in `mlx_lm.server`; call once, before `mlx_lm.server.main()`.
 
     `blas` and `attention` (what serves the matmuls, how verification attention runs) decide KV values
-    too: they are part of the disk cache's identity. Returns the disk tier when there is one."""
+    too: they are part of the disk cache's identity, and so is `ranks`, this rank's shard in a
+    distributed run. Returns the disk tier when there is one."""
+    tier = _install_cache(options, blas, attention, ranks)
+    if world().distributed:
+        # Every rank must start each request from the same cached prefix (rank_cache.py).
+        _server.LRUPromptCache = agreed_prompt_cache(_server.LRUPromptCache, lambda: _count_restored_tokens(0))
     # Loading: `_load` calls `load` for the main and the draft model; `_generate` calls `load_default`.
     _server.load = casting_load(_server.load, options.dtype)
+    # A distributed run loads the main model with `sharded_load` (ranks.py): the same cast.
+    _server.sharded_load = casting_load(_server.sharded_load, options.dtype)
     _server.ModelProvider = model_provider_class(counters)
     # Generation: with a draft every request goes through `stream_generate`; without one, through
     # the batch generator (unless a request is not batchable, which takes `stream_generate` too).
@@ -64,6 +73,13 @@ def install(
     )
     # `run` ignores its own `handler_class` argument and calls `_run_http_server` with the default.
     _server._run_http_server = functools.partial(_server._run_http_server, handler_class=handler_class(counters))
+    if tier is not None:
+        counters.add_section("prompt_cache_disk", tier.snapshot)
+    return tier
+
+
+def _install_cache(options: LauncherOptions, blas: str, attention: str, ranks: str) -> DiskTier | None:
+    """The prompt cache: mlx_lm's with the B1/B2 fixes, and the disk tier behind it when asked for."""
     if not options.cache_fixes:
         return None
     _server.LRUPromptCache = FixedPromptCache
@@ -71,10 +87,9 @@ def install(
         return None
     # The disk tier stands behind the fixed cache: without the fixes (diagnostics) it stays off.
     single_path = options.single_stream or options.prompt_lookup is not None
-    numerics = launcher_numerics(options.dtype, single_path, blas, attention)
+    numerics = launcher_numerics(options.dtype, single_path, blas, attention, ranks)
     tier = DiskTier(options.disk_cache, numerics, _count_restored_tokens)
     _server.LRUPromptCache = functools.partial(DiskTieredPromptCache, tier=tier)
-    counters.add_section("prompt_cache_disk", tier.snapshot)
     return tier
 
 

@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm import server
 
+from app.launcher.ranks import event_stream
 from app.launcher.stats import BackendCounters
 
 logger = logging.getLogger("specgate.launcher")
@@ -63,14 +64,36 @@ def casting_load(original: Callable[..., Any], dtype_name: str) -> Callable[...,
 
 
 def emit_event(event: str, **fields: Any) -> None:
-    """One `SPECGATE_EVENT {json}` line on stdout, flushed: the supervisor reads it as it comes."""
-    print("SPECGATE_EVENT " + json.dumps({"event": event, **fields}), flush=True)
+    """One `SPECGATE_EVENT {json}` line on stdout, flushed: the supervisor reads it as it comes. Of several
+    ranks, rank 0 alone reports (ranks.py)."""
+    stream = event_stream()
+    if stream is not None:
+        print("SPECGATE_EVENT " + json.dumps({"event": event, **fields}), file=stream, flush=True)
 
 
 def model_provider_class(counters: BackendCounters) -> type[Any]:
     """`ModelProvider` that announces the loaded default model and dies if it cannot load it."""
 
     class SpecgateModelProvider(server.ModelProvider):
+        def _load(self, model_path: Any, adapter_path: Any = None, draft_model_path: Any = None) -> None:
+            if not (self.is_distributed and draft_model_path is not None and adapter_path is None):
+                super()._load(model_path, adapter_path, draft_model_path)  # type: ignore[no-untyped-call]
+                return
+            # mlx_lm refuses a draft in a distributed run. The main model is sharded over the ranks as
+            # mlx_lm does it; the draft is loaded whole on every rank. Each rank then drafts the same
+            # tokens from the same weights and the same text (no collective in the draft's steps), and
+            # verifies them with its shard of the main model: the ranks stay in lock-step.
+            super()._load(model_path, None, None)  # type: ignore[no-untyped-call]
+            # The module's `load` (as hooked: cast to --dtype), whole, never `sharded_load`.
+            draft_model, draft_tokenizer = cast(Any, server).load(draft_model_path)[:2]
+            provider: Any = self  # mlx_lm declares these attributes as None
+            if draft_tokenizer.vocab_size != provider.tokenizer.vocab_size:
+                logger.warning("draft model tokenizer does not match the model's; speculation may not work")
+            logger.info("specgate: draft model %s loaded whole on this rank (main model sharded)", draft_model_path)
+            provider.model_key = (model_path, None, draft_model_path)
+            provider.draft_model = draft_model
+            provider.is_batchable = False
+
         def load_default(self) -> None:
             started = time.perf_counter()
             try:

@@ -131,6 +131,9 @@ def write_model(
             weights[name] = weights[name] + noise * mx.random.normal(weights[name].shape, key=key)
     mx.eval(weights)
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
+    # The index real checkpoints carry: mlx_lm's pipeline-parallel loading reads it (`sharded_load`).
+    index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in sorted(weights)}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
