@@ -23,10 +23,8 @@ import httpx
 import pytest
 
 from app.status import read_rss_bytes
-from tests.harness import PYTHON, ROOT, GatewayProcess, chat, pid_alive, read_sse, running_gateway, toml_list, wait_for
+from tests.harness import PYTHON, ROOT, GatewayProcess, chat, pid_alive, read_sse, running_gateway, wait_for
 
-# The ranks' program: mlx_lm.server itself (distributed without a draft model).
-RANK_COMMAND = [PYTHON, "-m", "mlx_lm", "server"]
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys", "The quick brown fox jumps over the lazy dog", "hello"]
 
 
@@ -49,7 +47,6 @@ def profile(name: str, model: Path, distributed: str | None = None, **fields: st
         f'[profiles."{name}"]',
         f'model = "{model}"',
         "sampling = { temperature = 0.0 }",
-        f"backend = {{ command = {toml_list(RANK_COMMAND)} }}",
     ]
     if distributed is not None:
         lines.append(f"distributed = {distributed}")
@@ -115,17 +112,37 @@ def test_two_ranks_answer_like_one_process(tiny_model: Path, tmp_path: Path) -> 
         profile("one", tiny_model)
         + profile("tensor", tiny_model, '{ ranks = 2, backend = "ring" }')
         + profile("pipe", tiny_model, '{ ranks = 2, backend = "ring", mode = "pipeline", env = { SG_MARK = "x" } }')
+        # Speculation on the sharded model: prompt lookup drafts on every rank alike (app/launcher/ranks.py).
+        + profile(
+            "tensor-lookup",
+            tiny_model,
+            '{ ranks = 2, backend = "ring" }',
+            draft_model='"prompt-lookup"',
+            num_draft_tokens="3",
+        )
     )
     with (
-        running_gateway(tmp_path / "gw", profiles, {"SPECGATE_MAX_BACKENDS": "3"}) as gateway,
+        running_gateway(tmp_path / "gw", profiles, {"SPECGATE_MAX_BACKENDS": "4"}) as gateway,
         gateway.client(timeout=120) as client,
     ):
+        drafted = 0
         for prompt in PROMPTS:
             expected = generate(client, "one", prompt)
-            for name in ("tensor", "pipe"):
+            for name in ("tensor", "pipe", "tensor-lookup"):
                 got = generate(client, name, prompt)
                 at = first_difference(expected[0], got[0])
                 assert got == expected, f"{name} differs from one process at character {at}: {got} vs {expected}"
+            reply = client.post("/v1/chat/completions", json=chat(prompt, "tensor-lookup", max_tokens=48))
+            spec = reply.json()["metrics"]["speculative_decoding"]
+            assert len(spec["acceptance_histogram"]) == 3, spec  # k = 3 positions
+            drafted += spec["num_draft_tokens"]
+        # The tiny model repeats itself: lookup finds n-grams to draft, and its figures reach /metrics.
+        assert drafted > 0
+        metrics = client.get("/metrics").text
+        assert any(
+            line.startswith("specgate_spec_decode_num_draft_tokens_total{") and 'profile="tensor-lookup"' in line
+            for line in metrics.splitlines()
+        )
 
         models = gateway.models()
         assert models["one"]["backend"]["distributed"] is None
