@@ -6,11 +6,13 @@ Starts, one after the other (never two at once: they would compete for the same 
 2. as N ranks on this host under `mlx.launch --backend ring` (main model sharded), without a draft;
 3. the same with DRAFT loaded whole on every rank;
 4. the same with prompt lookup;
+5. 2-4 again under the gateway's runner of mlx.launch (app/backends/mlx_launch.py, what a distributed
+   profile runs), and with each rank started directly (what mlx.launch would start);
 
 and sends each the same requests at temperature 0: a coding question, and an edit of given code (where
 prompt lookup finds its drafts). Each request's decode speed is its `generation_tokens` over its
 `generation_seconds` (the launcher's own figures: prompt processing excluded); the medians are printed,
-with each configuration's ratio to the distributed no-draft baseline measured in the same run. The outputs
+with each configuration's ratio to the no-draft run started the same way, measured in the same run. The outputs
 of all configurations are compared too (greedy: they should be equal, or the first difference is shown).
 """
 
@@ -67,6 +69,9 @@ class Config:
     # Ranks started by this script (MLX_RANK, MLX_HOSTFILE: what mlx.launch sets for the ring backend)
     # instead of `mlx.launch`, whose output relay polls without sleeping (see docs/distributed.md).
     direct: bool = False
+    # Under the gateway's own runner of mlx.launch (app/backends/mlx_launch.py: mlx.launch without its busy
+    # loop), which is what a distributed profile runs.
+    gateway_launcher: bool = False
     speeds: list[float] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     accepted: list[tuple[int, int]] = field(default_factory=list)
@@ -92,10 +97,12 @@ def _command(config: Config, main: str, port: int, mode: str) -> list[str]:
         launcher.append("--pipeline")
     if config.ranks == 1 or config.direct:
         return launcher
-    mlx_launch = str(Path(sys.executable).with_name("mlx.launch"))
+    mlx_launch: list[str] = [str(Path(sys.executable).with_name("mlx.launch"))]
+    if config.gateway_launcher:
+        mlx_launch = [sys.executable, "-m", "app.backends.mlx_launch"]
     ring = ["--backend", "ring", "--hosts", "127.0.0.1", "-n", str(config.ranks)]
     ring += ["--starting-port", str(_free_port(pair=True))]
-    return [mlx_launch, *ring, "--", *launcher]
+    return [*mlx_launch, *ring, "--", *launcher]
 
 
 def _start(config: Config, command: list[str], env: dict[str, str], log_dir: Path) -> list[subprocess.Popen[bytes]]:
@@ -211,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         Config("dist-no-draft", args.ranks, dtype),
         Config("dist-draft", args.ranks, [*dtype, "--draft-model", args.draft]),
         Config("dist-lookup", args.ranks, [*dtype, "--prompt-lookup"]),
+        Config("gw-no-draft", args.ranks, dtype, gateway_launcher=True),
+        Config("gw-draft", args.ranks, [*dtype, "--draft-model", args.draft], gateway_launcher=True),
+        Config("gw-lookup", args.ranks, [*dtype, "--prompt-lookup"], gateway_launcher=True),
         Config("direct-no-draft", args.ranks, dtype, direct=True),
         Config("direct-draft", args.ranks, [*dtype, "--draft-model", args.draft], direct=True),
         Config("direct-lookup", args.ranks, [*dtype, "--prompt-lookup"], direct=True),
@@ -222,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.ranks} ranks, {args.mode} parallel, k={args.num_draft_tokens}, logs in {log_dir}", flush=True)
     for config in configs:
         _run(config, args.main, args.mode, args.max_tokens, args.repeats, args.num_draft_tokens, log_dir)
-    baseline = next((c for c in configs if c.name.endswith("-no-draft") and c.speeds), None)
-    base_speed = statistics.median(baseline.speeds) if baseline else None
+    # Each configuration against the no-draft run started the same way (dist-, gw-, direct-) in this run.
+    baselines = {
+        c.name.split("-")[0]: statistics.median(c.speeds) for c in configs if c.name.endswith("-no-draft") and c.speeds
+    }
     print(f"\n{'configuration':<15} {'median tok/s':>12} {'vs no-draft':>17} {'accepted/drafted':>17}")
     for config in configs:
         speed = statistics.median(config.speeds)
+        base_speed = baselines.get(config.name.split("-")[0])
         ratio = f"{speed / base_speed:.2f}x" if base_speed else "-"
         accepted = sum(a for a, _ in config.accepted)
         drafted = sum(d for _, d in config.accepted)
