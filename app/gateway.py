@@ -17,7 +17,7 @@ from app.backends.nodes import NodePool
 from app.backends.pool import BackendPool
 from app.backends.process import BackendState, BackendTiming
 from app.models.sources import SourceStatus, describe_source
-from app.profiles import ProfileSet
+from app.profiles import Profile, ProfileSet
 from app.proxy.forward import NodeForwarder
 from app.proxy.handler import CompletionHandler
 from app.proxy.plan import pool_load
@@ -145,12 +145,7 @@ class Gateway:
         if missing and backend.state is BackendState.STOPPED:
             state = "not_present"
         info: dict[str, Any] = {
-            "id": profile.name,
-            "object": "model",
-            "created": _CREATED,
-            "owned_by": "specgate",
-            "name": profile.display_name or profile.name,
-            "description": profile.description,
+            **_model_head(profile),
             "state": state,
             "model": profile.model,
             "draft_model": profile.draft_model,
@@ -215,12 +210,7 @@ class Gateway:
         up = sum(1 for node in nodes if node["up"])
         in_flight = sum(node["in_flight"] for node in nodes)
         return {
-            "id": profile.name,
-            "object": "model",
-            "created": _CREATED,
-            "owned_by": "specgate",
-            "name": profile.display_name or profile.name,
-            "description": profile.description,
+            **_model_head(profile),
             "state": "ready" if up else "unknown" if all(node["up"] is None for node in nodes) else "down",
             "model": profile.model or None,
             "draft_model": None,
@@ -235,3 +225,15 @@ class Gateway:
 
     def backend_summary(self) -> dict[str, str]:
         return {slot.backend.name: slot.backend.state.value for slot in self.pool.slots.values()}
+
+
+def _model_head(profile: Profile) -> dict[str, Any]:
+    """The fields of a `/v1/models` entry that every profile has, local or served by nodes."""
+    return {
+        "id": profile.name,
+        "object": "model",
+        "created": _CREATED,
+        "owned_by": "specgate",
+        "name": profile.display_name or profile.name,
+        "description": profile.description,
+    }

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.status import read_rss_bytes
+from app.status import child_pids, read_rss_bytes
 from tests.harness import PYTHON, ROOT, GatewayProcess, chat, pid_alive, read_sse, running_gateway, wait_for
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys", "The quick brown fox jumps over the lazy dog", "hello"]
@@ -54,20 +54,6 @@ def profile(name: str, model: Path, distributed: str | None = None, **fields: st
     return "\n".join(lines) + "\n\n"
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as stat:
-                    data = stat.read()
-            except OSError:
-                continue
-            if int(data[data.rfind(b")") + 2 :].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
 def rank_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as environ:
@@ -84,7 +70,7 @@ def ranks(gateway: GatewayProcess, name: str) -> dict[int, int]:
     """rank -> pid of the profile's local ranks: the children of mlx.launch (the backend's pid)."""
     launcher = gateway.backend_pid(name)
     assert launcher is not None
-    found = {rank_of(pid): pid for pid in children(launcher)}
+    found = {rank_of(pid): pid for pid in child_pids(launcher)}
     return {rank: pid for rank, pid in found.items() if rank is not None}
 
 
