@@ -209,6 +209,8 @@ def _batch_variance(blas_value: str) -> str:
     return done.stdout
 
 
+# The batch-variance command is a benchmark (a minute of CPU on the reference BLAS): in the slow run.
+@pytest.mark.slow
 def test_the_reference_blas_rounds_a_row_the_same_in_any_batch() -> None:
     out = _batch_variance("off")
     assert out.startswith("BLAS: reference (slow)")
@@ -217,6 +219,7 @@ def test_the_reference_blas_rounds_a_row_the_same_in_any_batch() -> None:
     assert all(line.endswith("batch-invariant") for line in rows), out
 
 
+@pytest.mark.slow
 @needs_mkl
 def test_the_batch_variance_command_runs_on_mkl_and_names_the_rows_that_differ() -> None:
     out = _batch_variance("auto")

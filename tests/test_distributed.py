@@ -230,15 +230,18 @@ def test_hosts_list_through_the_written_hostfile_and_idle_unload(tiny_model: Pat
     """`hosts = [...]` for real without SSH: mlx.launch runs a host named 127.0.0.1 locally, from the hostfile
     the gateway wrote."""
     placement = '{ hosts = ["127.0.0.1", "127.0.0.1"], backend = "ring", mode = "pipeline" }'
-    profiles = profile("dist", tiny_model, placement, ttl="1")
+    # Idle for 4 s, then unloaded: long enough to read its processes first on a loaded machine (at 1 s the
+    # backend was sometimes gone before the test asked for its pid).
+    profiles = profile("dist", tiny_model, placement, ttl="4")
     with running_gateway(tmp_path / "gw", profiles) as gateway, gateway.client(timeout=120) as client:
         assert generate(client, "dist", "hello")[1] > 0
+        launcher = gateway.backend_pid("dist")
+        assert launcher is not None
         first = two_ranks(gateway, "dist")
         shown = gateway.models()["dist"]["backend"]["distributed"]
         hostfile = Path(shown["hostfile"])
         assert hostfile.parent == tmp_path / "gw" / "store" / ".run"  # SPECGATE_RUN_DIR's default
         assert json.loads(hostfile.read_text()) == [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2
         assert f"--hostfile {hostfile} --starting-port " in shown["command"]
-        launcher = gateway.backend_pid("dist")
-        wait_for(lambda: gateway.models()["dist"]["state"] == "stopped", 20, "the idle backend to unload")
+        wait_for(lambda: gateway.models()["dist"]["state"] == "stopped", 30, "the idle backend to unload")
         assert all_gone([*first.values(), launcher])

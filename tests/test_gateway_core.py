@@ -255,11 +255,12 @@ def test_killed_backend_restarts_on_next_request(pair: tuple[Path, Path], tmp_pa
 
 def test_idle_backend_unloads_after_ttl(pair: tuple[Path, Path], tmp_path: Path) -> None:
     main, _ = pair
-    with running_gateway(tmp_path, profile("short", main, ttl=1)) as gateway, gateway.client() as client:
+    # 3 s idle: at 1 s a loaded machine sometimes unloaded it before the test read its pid.
+    with running_gateway(tmp_path, profile("short", main, ttl=3)) as gateway, gateway.client() as client:
         assert client.post("/v1/chat/completions", json=chat("hi", "short", max_tokens=2)).status_code == 200
         pid = gateway.backend_pid("short")
         assert pid is not None
-        wait_for(lambda: gateway.models()["short"]["state"] == "stopped", 15, "idle unload")
+        wait_for(lambda: gateway.models()["short"]["state"] == "stopped", 20, "idle unload")
         wait_for(lambda: not pid_alive(pid), 5, "the backend process to exit")
         # And it comes back on demand.
         assert client.post("/v1/chat/completions", json=chat("hi", "short", max_tokens=2)).status_code == 200
